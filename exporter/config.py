@@ -1,0 +1,285 @@
+"""YAML configuration -> typed, validated objects.
+
+A bad file must produce one message a person can act on: the key path, the line in the
+file, and what was wrong, without echoing secrets. `${VAR}` is interpolated anywhere in the
+file before parsing; passwords can come from `password_file`. Every secret we learn about is
+registered with `exporter.secrets` so logs and errors can never show it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Annotated, Any
+from urllib.parse import unquote, urlsplit
+
+import yaml
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from exporter import secrets
+
+
+class ConfigError(Exception):
+    """A configuration problem, already phrased for the user."""
+
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+
+
+def parse_duration(value: Any) -> float:
+    """`500ms`, `1s`, `2m`, `1h` or plain seconds -> seconds."""
+    if isinstance(value, bool):
+        raise ValueError("expected a duration such as 500ms, 1s, 2m or a number of seconds")
+    if isinstance(value, int | float):
+        seconds = float(value)
+    else:
+        match = _DURATION.match(str(value))
+        if not match:
+            raise ValueError(
+                f"invalid duration {value!r}: use 500ms, 1s, 2m, 1h or a number of seconds"
+            )
+        seconds = float(match.group(1)) * _UNITS[match.group(2)]
+    if seconds <= 0:
+        raise ValueError("duration must be greater than zero")
+    return seconds
+
+
+Duration = Annotated[float, BeforeValidator(parse_duration)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ActivityConfig(_Strict):
+    interval: Duration = 1.0
+    top_applications: int = Field(20, ge=1, le=1000)
+
+
+class StatementsConfig(_Strict):
+    enabled: bool = True
+    interval: Duration = 15.0
+    top_n: int = Field(20, ge=1, le=500)
+    pinning_risk: bool = True
+
+
+class DatabaseConfig(_Strict):
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.:-]+$")
+    dsn: str = Field(min_length=1)
+    password_file: Path | None = None
+    vcpus: float | None = Field(None, gt=0)
+    activity: ActivityConfig = ActivityConfig()
+    statements: StatementsConfig = StatementsConfig()
+    statement_timeout: Duration = 2.0
+    lock_timeout: Duration = 0.5
+    connect_timeout: Duration = 3.0
+    max_datnames: int = Field(50, ge=1)
+
+    @field_validator("dsn")
+    @classmethod
+    def _dsn_is_postgres_url(cls, dsn: str) -> str:
+        parts = urlsplit(dsn)
+        if parts.scheme not in ("postgresql", "postgres"):
+            raise ValueError("dsn must be a postgresql:// URL")
+        if parts.password:
+            secrets.register(unquote(parts.password))
+        return dsn
+
+    def password(self) -> str | None:
+        """The password from password_file, read when connecting so rotation works."""
+        if self.password_file is None:
+            return None
+        value = self.password_file.read_text().strip()
+        secrets.register(value)
+        return value
+
+
+class IngestConfig(_Strict):
+    enabled: bool = True
+    token: str | None = None
+    token_file: Path | None = None
+    stale_after: Duration = 30.0
+    max_body_bytes: int = Field(1_048_576, ge=1024)
+    max_apps: int = Field(50, ge=1)
+    max_pools_per_app: int = Field(20, ge=1)
+    max_processes: int = Field(2000, ge=1)
+    max_concurrent_requests: int = Field(32, ge=1)
+
+    @field_validator("token")
+    @classmethod
+    def _register_token(cls, token: str | None) -> str | None:
+        if token:
+            secrets.register(token)
+        return token or None
+
+    def bearer_token(self) -> str | None:
+        if self.token_file is not None:
+            value = self.token_file.read_text().strip()
+            secrets.register(value)
+            return value
+        return self.token
+
+
+class RdsProxyConfig(_Strict):
+    enabled: bool = False
+    proxies: list[str] = []
+    interval: Duration = 60.0
+    delay: Duration = 120.0
+    logs: bool = True
+    discovery_interval: Duration = 300.0
+    max_log_events_per_poll: int = Field(10_000, ge=1)
+
+
+class AwsConfig(_Strict):
+    region: str = "us-east-1"
+    endpoint_url: str | None = None
+    role_arn: str | None = None
+    access_key_id: str | None = None
+    secret_access_key: str | None = None
+    rds_proxy: RdsProxyConfig = RdsProxyConfig()
+
+    @field_validator("secret_access_key", "access_key_id")
+    @classmethod
+    def _register_keys(cls, value: str | None) -> str | None:
+        if value:
+            secrets.register(value)
+        return value
+
+
+class Config(_Strict):
+    databases: list[DatabaseConfig] = []
+    ingest: IngestConfig = IngestConfig()
+    aws: AwsConfig = AwsConfig()
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> Config:
+        names = [d.name for d in self.databases]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"database names must be unique, repeated: {', '.join(dupes)}")
+        return self
+
+
+_ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def interpolate(text: str, env: dict[str, str] | None = None) -> str:
+    """Replace ${VAR} and ${VAR:-default}; an unset variable without default is an error."""
+    env = os.environ if env is None else env
+    missing: list[str] = []
+
+    def repl(match: re.Match[str]) -> str:
+        name, default = match.group(1), match.group(2)
+        if name in env:
+            return env[name]
+        if default is not None:
+            return default
+        missing.append(name)
+        return ""
+
+    out = _ENV.sub(repl, text)
+    if missing:
+        raise ConfigError(f"environment variable(s) not set: {', '.join(sorted(set(missing)))}")
+    return out
+
+
+def _line_of(node: yaml.Node | None, loc: tuple[int | str, ...]) -> int | None:
+    """Walk the composed YAML tree along a pydantic error location to find its line."""
+    line = node.start_mark.line + 1 if node is not None else None
+    for part in loc:
+        if isinstance(node, yaml.MappingNode):
+            nxt = next((v for k, v in node.value if k.value == part), None)
+            key = next((k for k, v in node.value if k.value == part), None)
+            if nxt is None:
+                return line
+            line = (key or nxt).start_mark.line + 1
+            node = nxt
+        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int):
+            if part >= len(node.value):
+                return line
+            node = node.value[part]
+            line = node.start_mark.line + 1
+        else:
+            return line
+    return line
+
+
+def _describe(err: dict[str, Any]) -> str:
+    """pydantic's message without the input value (which may be a secret)."""
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        return "unknown key"
+    if kind == "missing":
+        return "required key is missing"
+    msg = str(err["msg"])
+    return msg.removeprefix("Value error, ")
+
+
+def parse(text: str, source: str = "<config>") -> Config:
+    text = interpolate(text)
+    try:
+        root = yaml.compose(text)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or "invalid YAML"
+        raise ConfigError(f"{source}{where}: {problem}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping of keys")
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            loc = tuple(err["loc"])
+            path = ".".join(f"[{p}]" if isinstance(p, int) else str(p) for p in loc)
+            path = path.replace(".[", "[") or "(top level)"
+            line = _line_of(root, loc)
+            where = f" line {line}" if line else ""
+            lines.append(f"{source}{where}: {path}: {_describe(err)}")
+        raise ConfigError("\n".join(lines)) from None
+
+
+def load(path: str | Path) -> Config:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+    config = parse(text, str(path))
+    check_files(config, str(path))
+    return config
+
+
+def check_files(config: Config, source: str) -> None:
+    """Secrets in files must be readable at start, not at the first 3 a.m. reconnect."""
+    for i, db in enumerate(config.databases):
+        if db.password_file is not None:
+            try:
+                db.password()
+            except OSError as exc:
+                raise ConfigError(
+                    f"{source}: databases[{i}].password_file: cannot read "
+                    f"{db.password_file}: {exc.strerror}"
+                ) from None
+    if config.ingest.token_file is not None:
+        try:
+            config.ingest.bearer_token()
+        except OSError as exc:
+            raise ConfigError(
+                f"{source}: ingest.token_file: cannot read {config.ingest.token_file}: "
+                f"{exc.strerror}"
+            ) from None

@@ -1,0 +1,66 @@
+"""Structured logging in logfmt or JSON, redacted.
+
+Call `log.info("message", extra={"fields": {...}})` or use `kv()`; the formatter renders the
+fields as key=value pairs (logfmt) or JSON members, as Prometheus' own daemons do.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+
+from exporter.secrets import RedactingFilter
+
+LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warn": logging.WARNING,
+          "error": logging.ERROR}
+
+
+def kv(**fields: object) -> dict[str, dict[str, object]]:
+    return {"fields": fields}
+
+
+def _ts(record: logging.LogRecord) -> str:
+    t = time.gmtime(record.created)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", t) + f".{int(record.msecs):03d}Z"
+
+
+def _logfmt_value(value: object) -> str:
+    s = str(value)
+    if s == "" or any(c in s for c in ' ="\n\t'):
+        return '"' + s.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+    return s
+
+
+class LogfmtFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        level = record.levelname.lower().replace("warning", "warn")
+        parts = [f"ts={_ts(record)}", f"level={level}", f"logger={record.name}",
+                 f"msg={_logfmt_value(record.getMessage())}"]
+        for k, v in (getattr(record, "fields", None) or {}).items():
+            parts.append(f"{k}={_logfmt_value(v)}")
+        return " ".join(parts)
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        level = record.levelname.lower().replace("warning", "warn")
+        doc = {"ts": _ts(record), "level": level, "logger": record.name,
+               "msg": record.getMessage()}
+        doc.update({k: str(v) for k, v in (getattr(record, "fields", None) or {}).items()})
+        return json.dumps(doc)
+
+
+def setup(level: str = "info", fmt: str = "logfmt") -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter() if fmt == "json" else LogfmtFormatter())
+    handler.addFilter(RedactingFilter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(LEVELS[level])
+    # Library chatter (apscheduler job runs, botocore wire logs) only at our debug level,
+    # and botocore's wire logs never: they carry signed headers.
+    logging.getLogger("apscheduler").setLevel(max(LEVELS[level], logging.WARNING))
+    logging.getLogger("botocore").setLevel(logging.WARNING)
+    logging.getLogger("aiohttp.access").setLevel(max(LEVELS[level], logging.WARNING))

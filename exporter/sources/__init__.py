@@ -1,0 +1,1 @@
+"""One module per source; each samples something and returns samples for the store."""
