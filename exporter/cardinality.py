@@ -1,67 +1,83 @@
 """Top-K capping for labels whose values come from users.
 
 A label such as application_name or queryid can take unbounded values; exposing all of them
-would let one misbehaving client blow up Prometheus. We keep the K values with the most
-recent activity and fold the rest into `other`, while keeping counters monotonic: a value's
-cumulative total stays with the series it was first exported under, so a key that drops out
-of the top-K hands its later growth to `other` rather than making any series go backwards.
+would let one client blow up Prometheus. We export the K keys with the most recent activity
+and fold the rest into `other`, while keeping every exported counter monotonic: growth is
+assigned to whichever series the key is exported under at the time it happens, and totals
+are never moved between series.
 """
 
 from __future__ import annotations
 
-from collections import defaultdict
-from collections.abc import Hashable
+from collections.abc import Hashable, Sequence
 
 OTHER = "other"
 
 
-class CappedCounter:
-    """Cumulative counters per key with at most `cap` exported keys plus `other`.
+class CappedCounters:
+    """Cumulative counters (one or more fields) per key, at most `cap` keys plus `other`.
 
-    `add(key, delta)` records growth. `decay` weights recent activity so that the ranking
-    follows the workload, not history. Exported series never go backwards.
+    Call `add()` for each key's growth in a round, then `commit()`. Ranking uses the field
+    at `rank_field`, decayed each round so it follows the current workload. A key that is
+    exported keeps its series while it stays active; a key silent for long enough to decay
+    away gives its slot back (its series ends; it does not go backwards).
     """
 
-    def __init__(self, cap: int, decay: float = 0.9) -> None:
+    def __init__(self, cap: int, fields: int = 1, rank_field: int = 0,
+                 decay: float = 0.8, other_key: Hashable = OTHER) -> None:
         if cap < 1:
             raise ValueError("cap must be at least 1")
-        self.cap = cap
-        self.decay = decay
-        self._recent: dict[Hashable, float] = defaultdict(float)
-        self._exported: dict[Hashable, float] = {}  # key -> cumulative total, exported
-        self._other = 0.0
-        self._pending: dict[Hashable, float] = defaultdict(float)
+        self.cap, self.fields, self.rank_field = cap, fields, rank_field
+        self.decay, self.other_key = decay, other_key
+        self._recent: dict[Hashable, float] = {}
+        self._exported: dict[Hashable, list[float]] = {}
+        self._other = [0.0] * fields
+        self._pending: dict[Hashable, list[float]] = {}
 
-    def add(self, key: Hashable, delta: float) -> None:
-        if delta <= 0:
+    def add(self, key: Hashable, *deltas: float) -> None:
+        if len(deltas) != self.fields:
+            raise ValueError(f"expected {self.fields} values")
+        if not any(d > 0 for d in deltas):
             return
-        self._pending[key] += delta
+        acc = self._pending.setdefault(key, [0.0] * self.fields)
+        for i, d in enumerate(deltas):
+            if d > 0:
+                acc[i] += d
 
     def commit(self) -> None:
-        """Close one round of `add`s: rank keys and assign growth to series."""
         for key in list(self._recent):
             self._recent[key] *= self.decay
-            if self._recent[key] < 1e-9 and key not in self._pending:
+            if self._recent[key] < 1e-6 and key not in self._pending:
                 del self._recent[key]
-        for key, delta in self._pending.items():
-            self._recent[key] += delta
-        top = set(sorted(self._recent, key=self._recent.__getitem__, reverse=True)[: self.cap])
-        for key, delta in self._pending.items():
-            if key in self._exported:
-                self._exported[key] += delta
-            elif key in top and len(self._exported) < self.cap:
-                self._exported[key] = delta
-            else:
-                self._other += delta
-        # A key that left the top-K long ago frees its slot only when it had no growth for
-        # a full decay horizon; its counter vanishing is a series end, not a reset.
-        for key in list(self._exported):
-            if key not in self._recent:
-                del self._exported[key]
+                self._exported.pop(key, None)
+        for key, deltas in self._pending.items():
+            # +1e-9 so that keys with activity in a non-ranked field still rank above none
+            self._recent[key] = self._recent.get(key, 0.0) + deltas[self.rank_field] + 1e-9
+        ranked = sorted(self._recent, key=self._recent.__getitem__, reverse=True)
+        top = set(ranked[: self.cap])
+        for key, deltas in self._pending.items():
+            target = self._exported.get(key)
+            if target is None and key in top and len(self._exported) < self.cap:
+                target = self._exported[key] = [0.0] * self.fields
+            if target is None:
+                target = self._other
+            for i, d in enumerate(deltas):
+                target[i] += d
         self._pending.clear()
 
-    def items(self) -> list[tuple[Hashable, float]]:
-        out = list(self._exported.items())
-        if self._other:
-            out.append((OTHER, self._other))
+    def items(self) -> list[tuple[Hashable, Sequence[float]]]:
+        out: list[tuple[Hashable, Sequence[float]]] = list(self._exported.items())
+        if any(self._other):
+            out.append((self.other_key, self._other))
         return out
+
+
+def cap_keys(counts: dict[Hashable, float], cap: int,
+             other_key: Hashable = OTHER) -> dict[Hashable, float]:
+    """Gauge capping: keep the `cap` largest keys, sum the rest into `other_key`."""
+    if len(counts) <= cap:
+        return dict(counts)
+    ranked = sorted(counts.items(), key=lambda kv: kv[1], reverse=True)
+    out = dict(ranked[:cap])
+    out[other_key] = out.get(other_key, 0.0) + sum(v for _, v in ranked[cap:])
+    return out

@@ -1,0 +1,119 @@
+"""Command line, in the style of Prometheus exporters (exporter-toolkit flag names).
+
+    pgpressure [run] --config.file config.yaml [--web.listen-address :9188]
+                     [--web.config.file web.yml] [--log.level info] [--log.format logfmt]
+    pgpressure check-config --config.file config.yaml
+    pgpressure demo [--web.listen-address :9188]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+
+from exporter import __version__, logs
+from exporter.config import ConfigError, load
+
+COMMANDS = ("run", "check-config", "demo")
+
+log = logging.getLogger("pgpressure")
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--log.level", dest="log_level", default="info",
+                        choices=sorted(logs.LEVELS), help="only log at or above this level")
+    parser.add_argument("--log.format", dest="log_format", default="logfmt",
+                        choices=("logfmt", "json"), help="log line format")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pgpressure",
+        description="Prometheus exporter for SQLAlchemy pools, PostgreSQL load and RDS Proxy.",
+    )
+    parser.add_argument("--version", action="version", version=f"pgpressure {__version__}")
+    sub = parser.add_subparsers(dest="command")
+
+    run = sub.add_parser("run", help="run the exporter (the default)")
+    run.add_argument("--config.file", dest="config_file", default="config.yaml",
+                     help="YAML configuration file (default: config.yaml)")
+    run.add_argument("--web.listen-address", dest="listen_address", default=":9188",
+                     help="address to listen on (default: :9188)")
+    run.add_argument("--web.config.file", dest="web_config_file", default=None,
+                     help="exporter-toolkit web config: TLS and basic auth")
+    _common(run)
+
+    check = sub.add_parser("check-config", help="validate the configuration and exit")
+    check.add_argument("--config.file", dest="config_file", default="config.yaml")
+    _common(check)
+
+    demo = sub.add_parser("demo", help="run on a throwaway database with a workload")
+    demo.add_argument("--web.listen-address", dest="listen_address", default=":9188")
+    demo.add_argument("--duration", type=float, default=None,
+                      help="stop after this many seconds (default: until Ctrl-C)")
+    _common(demo)
+    return parser
+
+
+def _argv_with_default_command(argv: list[str]) -> list[str]:
+    if any(a in COMMANDS for a in argv[:1]) or any(a in ("-h", "--help", "--version")
+                                                    for a in argv[:1]):
+        return argv
+    return ["run", *argv]
+
+
+def _fail(message: str) -> int:
+    print(f"pgpressure: {message}", file=sys.stderr)
+    return 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(_argv_with_default_command(
+        list(sys.argv[1:] if argv is None else argv)))
+    logs.setup(args.log_level, args.log_format)
+
+    if args.command == "demo":
+        from exporter.demo import run_demo
+
+        return run_demo(args.listen_address, args.duration)
+
+    try:
+        config = load(args.config_file)
+    except ConfigError as exc:
+        return _fail(str(exc))
+    if args.command == "check-config":
+        print(f"{args.config_file}: OK ({len(config.databases)} database target(s), "
+              f"ingest {'on' if config.ingest.enabled else 'off'}, "
+              f"rds_proxy {'on' if config.aws.rds_proxy.enabled else 'off'})")
+        return 0
+
+    ssl_context, middlewares = None, []
+    if args.web_config_file:
+        from exporter.webconfig import WebConfigError, load_web_config
+
+        try:
+            ssl_context, middlewares = load_web_config(args.web_config_file)
+        except WebConfigError as exc:
+            return _fail(str(exc))
+
+    from exporter.daemon import Daemon, parse_listen_address
+
+    try:
+        parse_listen_address(args.listen_address)
+    except ValueError as exc:
+        return _fail(str(exc))
+    log.info("starting pgpressure", extra=logs.kv(version=__version__,
+                                                  config=args.config_file))
+    daemon = Daemon(config, args.listen_address, ssl_context, middlewares)
+    try:
+        asyncio.run(daemon.run())
+    except OSError as exc:
+        return _fail(f"cannot listen on {args.listen_address}: {exc.strerror or exc}")
+    log.info("stopped")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,153 @@
+"""Wiring and lifecycle: store, sources, scheduler, web server, signals.
+
+APScheduler's asyncio scheduler runs each source on its own interval with no overlap
+(max_instances=1) and missed runs coalesced, so a slow database delays its own samples and
+nothing else. SIGTERM and SIGINT stop everything within a couple of seconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import ssl
+from collections.abc import Callable
+from datetime import datetime, timedelta
+
+from aiohttp import web
+from apscheduler.schedulers.asyncio import AsyncIOScheduler
+
+from exporter.config import Config
+from exporter.logs import kv
+from exporter.pg import TargetConnection
+from exporter.render import Renderer
+from exporter.runner import SourceRunner
+from exporter.sources.activity import ActivitySource
+from exporter.sources.base import Source
+from exporter.sources.database import DatabaseSource
+from exporter.store import Store
+from exporter.web import build_app
+
+log = logging.getLogger("pgpressure.daemon")
+
+SHUTDOWN_GRACE = 1.5  # seconds; SIGTERM must end the process within 2 s
+
+
+def parse_listen_address(address: str) -> tuple[str, int]:
+    """`:9188`, `0.0.0.0:9188`, `[::1]:9188` -> (host, port)."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ValueError(f"invalid --web.listen-address {address!r}: expected HOST:PORT")
+    host = host.strip("[]") or "0.0.0.0"
+    return host, int(port)
+
+
+class Daemon:
+    def __init__(self, config: Config, listen_address: str = ":9188",
+                 ssl_context: ssl.SSLContext | None = None,
+                 middlewares: list[Callable] | None = None) -> None:
+        self.config = config
+        self.listen_address = listen_address
+        self.ssl_context = ssl_context
+        self.middlewares = middlewares or []
+        self.store = Store()
+        self.renderer = Renderer(self.store)
+        self.connections = [TargetConnection(db) for db in config.databases]
+        self.sources: list[Source] = []
+        self.database_sources: list[DatabaseSource] = []
+        for conn in self.connections:
+            self.sources.append(ActivitySource(conn.config, conn))
+            db_source = DatabaseSource(conn.config, conn)
+            self.database_sources.append(db_source)
+            self.sources.append(db_source)
+        self.apps = None
+        if config.ingest.enabled:
+            from exporter.sources.apps import AppsAggregator
+
+            self.apps = AppsAggregator(config.ingest)
+            self.sources.append(self.apps)
+        if config.aws.rds_proxy.enabled:
+            from exporter.sources.rds_proxy import RdsProxySource
+
+            self.sources.append(RdsProxySource(config.aws))
+        self.runners = [SourceRunner(s, self.store) for s in self.sources]
+        self.ingest_slots = asyncio.Semaphore(config.ingest.max_concurrent_requests)
+        self._stop = asyncio.Event()
+        self.bound_port: int | None = None
+
+    # -- queries from the web layer ---------------------------------------------------------
+    def ready(self) -> bool:
+        return all(r.attempts > 0 for r in self.runners)
+
+    def status(self) -> dict[str, object]:
+        sources = []
+        for runner in self.runners:
+            health = self.store.health(runner.key)
+            sources.append({
+                "source": runner.key[0], "target": runner.key[1], "up": health.up,
+                "attempts": runner.attempts, "last_success": health.last_success,
+                "last_error": health.last_error, "status": runner.source.status(),
+            })
+        return {"sources": sources}
+
+    def pinning_offenders(self) -> dict[str, list[dict]]:
+        return {s.target: s.pinning.top_offenders()
+                for s in self.database_sources if s.pinning is not None}
+
+    # -- lifecycle --------------------------------------------------------------------------
+    def stop(self) -> None:
+        self._stop.set()
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.add_signal_handler(sig, self.stop)
+
+        app = build_app(self, self.middlewares)
+        runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
+        await runner.setup()
+        host, port = parse_listen_address(self.listen_address)
+        site = web.TCPSite(runner, host, port, ssl_context=self.ssl_context,
+                           reuse_address=True)
+        await site.start()
+        server = getattr(site, "_server", None)
+        if server is not None and server.sockets:
+            self.bound_port = server.sockets[0].getsockname()[1]
+        log.info("listening", extra=kv(address=f"{host}:{self.bound_port or port}",
+                                       tls=self.ssl_context is not None))
+
+        scheduler = AsyncIOScheduler(event_loop=loop)
+        start = datetime.now()
+        for i, source_runner in enumerate(self.runners):
+            interval = source_runner.source.interval
+            scheduler.add_job(
+                source_runner.run_once, "interval", seconds=interval,
+                # Stagger first runs slightly so targets do not all query in the same instant.
+                next_run_time=start + timedelta(milliseconds=10 * i),
+                max_instances=1, coalesce=True, misfire_grace_time=max(1, int(interval)),
+                id=f"{source_runner.key[0]}:{source_runner.key[1]}",
+            )
+            log.info("source scheduled", extra=kv(source=source_runner.key[0],
+                                                  target=source_runner.key[1],
+                                                  interval=f"{interval:g}s"))
+        scheduler.start()
+        try:
+            await self._stop.wait()
+        finally:
+            log.info("shutting down")
+            scheduler.shutdown(wait=False)
+            await self._close(runner)
+
+    async def _close(self, runner: web.AppRunner) -> None:
+        async def close_all() -> None:
+            await asyncio.gather(*(s.close() for s in self.sources), return_exceptions=True)
+            await asyncio.gather(*(c.close() for c in self.connections),
+                                 return_exceptions=True)
+            await runner.cleanup()
+
+        try:
+            await asyncio.wait_for(close_all(), SHUTDOWN_GRACE)
+        except TimeoutError:
+            log.warning("shutdown grace period expired; exiting anyway")

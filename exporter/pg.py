@@ -1,0 +1,101 @@
+"""One long-lived, safe connection per PostgreSQL target.
+
+Safety on the database is the point: the daemon must never be the thing that makes a
+struggling server worse. So the connection identifies itself (`application_name=pgpressure`),
+is read-only, and carries server-side `statement_timeout` and `lock_timeout`, so a query stuck
+behind a locked catalog is cut by the server. A client-side deadline a little longer than the
+statement timeout covers what the server cannot: a network that stops forwarding.
+Both sources of a target share the connection; a lock serialises them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import Any
+
+import asyncpg
+
+from exporter.config import DatabaseConfig
+from exporter.logs import kv
+from exporter.secrets import redact
+
+log = logging.getLogger("pgpressure.pg")
+
+
+class TargetUnavailable(Exception):
+    """The target could not be reached or the query failed; the message is redacted."""
+
+
+def _ms(seconds: float) -> str:
+    return str(max(1, int(seconds * 1000)))
+
+
+class TargetConnection:
+    def __init__(self, config: DatabaseConfig) -> None:
+        self.config = config
+        self._conn: asyncpg.Connection | None = None
+        self._lock = asyncio.Lock()
+        self.backend_pid: int | None = None
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    async def _connect(self) -> asyncpg.Connection:
+        cfg = self.config
+        conn = await asyncpg.connect(
+            dsn=cfg.dsn,
+            password=cfg.password(),
+            timeout=cfg.connect_timeout,
+            command_timeout=None,
+            statement_cache_size=0,
+            server_settings={
+                "application_name": "pgpressure",
+                "statement_timeout": _ms(cfg.statement_timeout),
+                "lock_timeout": _ms(cfg.lock_timeout),
+                "idle_in_transaction_session_timeout": _ms(max(cfg.statement_timeout, 5.0)),
+                "default_transaction_read_only": "on",
+            },
+        )
+        self.backend_pid = conn.get_server_pid()
+        log.info("connected to target", extra=kv(target=cfg.name, backend_pid=self.backend_pid))
+        return conn
+
+    async def fetch(self, query: str, *args: Any) -> list[asyncpg.Record]:
+        """Run one read-only query; reconnect lazily, drop the connection on any failure."""
+        deadline = self.config.statement_timeout + self.config.connect_timeout + 1.0
+        async with self._lock:
+            try:
+                async with asyncio.timeout(deadline):
+                    if self._conn is None or self._conn.is_closed():
+                        self._conn = await self._connect()
+                    return await self._conn.fetch(query, *args)
+            except asyncpg.QueryCanceledError as exc:
+                # Server-side timeout: the connection is healthy, keep it.
+                raise TargetUnavailable(f"query cancelled by the server: {exc}") from None
+            except asyncpg.PostgresError as exc:
+                # An error from the server (lock_timeout, shutdown, permissions): keep the
+                # session unless the server ended it.
+                if self._conn is not None and self._conn.is_closed():
+                    await self._drop()
+                raise TargetUnavailable(redact(str(exc) or type(exc).__name__)) from None
+            except (OSError, asyncpg.InterfaceError, TimeoutError) as exc:
+                await self._drop()
+                reason = "timed out" if isinstance(exc, TimeoutError) else str(exc)
+                raise TargetUnavailable(redact(reason or type(exc).__name__)) from None
+
+    async def _drop(self) -> None:
+        conn, self._conn = self._conn, None
+        self.backend_pid = None
+        if conn is not None:
+            conn.terminate()
+
+    async def close(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(conn.close(), 1.0)
+            if not conn.is_closed():
+                conn.terminate()

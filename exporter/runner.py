@@ -1,0 +1,75 @@
+"""Runs one source: timing, health, backoff and failure logging in one place.
+
+A failing source must never take the daemon down, flood the log, or hammer a database that
+is already in trouble. So failures are caught here, counted, logged when they start, change
+or end, and retried with exponential backoff capped by the source's `backoff_max`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from exporter.logs import kv
+from exporter.secrets import redact
+from exporter.sources.base import Source
+from exporter.store import Store
+
+log = logging.getLogger("pgpressure.runner")
+
+
+class SourceRunner:
+    def __init__(self, source: Source, store: Store) -> None:
+        self.source = source
+        self.store = store
+        self.key = (source.name, source.target)
+        self.attempts = 0
+        store.health(self.key)  # visible (up=0) before the first run
+
+    def _backoff(self, failures: int) -> float:
+        interval = self.source.interval
+        cap = max(interval, self.source.backoff_max)
+        return min(interval * 2 ** (failures - 1), cap)
+
+    async def run_once(self) -> None:
+        health = self.store.health(self.key)
+        now = time.monotonic()
+        if now < health.next_attempt:
+            return
+        self.attempts += 1
+        started = time.perf_counter()
+        try:
+            samples = await self.source.sample()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # a source failure, whatever it is, is data, not a crash
+            message = redact(str(exc)) or type(exc).__name__
+            health.up = False
+            health.errors_total += 1
+            health.consecutive_failures += 1
+            # Half an interval of slack so the next scheduled tick is not skipped by jitter.
+            delay = self._backoff(health.consecutive_failures)
+            health.next_attempt = now + delay - self.source.interval / 2
+            fields = kv(source=self.key[0], target=self.key[1], err=message,
+                        failures=health.consecutive_failures, retry_in=f"{delay:g}s")
+            if health.consecutive_failures == 1 or message != health.last_error:
+                log.warning("source failed", extra=fields)
+            else:
+                log.debug("source still failing", extra=fields)
+            health.last_error = message
+            if not self.source.keep_gauges_on_failure:
+                self.store.keep_counters_only(self.key)
+        else:
+            self.store.publish(self.key, samples, self.source.scope)
+            if health.consecutive_failures:
+                log.info("source recovered", extra=kv(source=self.key[0], target=self.key[1],
+                                                      after_failures=health.consecutive_failures))
+            health.up = True
+            health.last_success = time.time()
+            health.consecutive_failures = 0
+            health.last_error = ""
+            health.next_attempt = 0.0
+        finally:
+            health.last_duration = time.perf_counter() - started
+            self.store.touch()

@@ -1,0 +1,148 @@
+"""The slower database sampler: temp-file spills, work_mem, and the top statements.
+
+Temp bytes are the tell-tale of a work_mem too small for the sorts and hashes the app runs;
+pg_stat_database says that it happens, pg_stat_statements says which statement does it.
+Statements are exported as counters for the top-N by growth since the previous sample
+(plus `other`), keyed by queryid; query text is never a label. Without pg_stat_statements the
+source says so once and keeps exporting the rest.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+
+from exporter import metrics as m
+from exporter.cardinality import CappedCounters
+from exporter.config import DatabaseConfig
+from exporter.logs import kv
+from exporter.metrics import Sample
+from exporter.pg import TargetConnection
+from exporter.sources.activity import LabelCap
+from exporter.sources.base import Source
+
+log = logging.getLogger("pgpressure.database")
+
+DATABASES = """
+SELECT datname, temp_bytes, temp_files,
+       (SELECT setting::bigint * CASE unit WHEN 'kB' THEN 1024 WHEN 'MB' THEN 1048576
+                                          WHEN '8kB' THEN 8192 ELSE 1 END
+        FROM pg_settings WHERE name = 'work_mem') AS work_mem_bytes,
+       to_regclass('pg_stat_statements') IS NOT NULL AS has_statements
+FROM pg_stat_database
+WHERE datname IS NOT NULL
+"""
+
+# Rows are split by userid and toplevel; we sum them per (database, queryid).
+STATEMENTS = """
+SELECT d.datname, s.queryid, sum(s.calls)::float8 AS calls,
+       sum(s.total_exec_time)::float8 / 1000 AS exec_seconds,
+       sum(s.temp_blks_written)::float8 * current_setting('block_size')::int AS temp_bytes
+FROM pg_stat_statements s JOIN pg_database d ON d.oid = s.dbid
+WHERE s.queryid IS NOT NULL
+GROUP BY 1, 2
+"""
+
+
+class StatementDeltas:
+    """Turns pg_stat_statements' cumulative values into growth since the last sample.
+
+    An entry whose values went down was reset or evicted and re-created: its current value
+    is all new growth. A first-seen entry counts from zero, so exported counters start at
+    the statement's cumulative value like any other PostgreSQL counter.
+    """
+
+    def __init__(self) -> None:
+        self._last: dict[tuple[str, int], tuple[float, ...]] = {}
+
+    def update(self, key: tuple[str, int], values: tuple[float, ...]) -> tuple[float, ...]:
+        prev = self._last.get(key)
+        self._last[key] = values
+        if prev is None or any(v < p for v, p in zip(values, prev, strict=True)):
+            return values
+        return tuple(v - p for v, p in zip(values, prev, strict=True))
+
+    def forget_missing(self, seen: set[tuple[str, int]]) -> None:
+        for key in set(self._last) - seen:
+            del self._last[key]
+
+
+class DatabaseSource(Source):
+    name = "database"
+    backoff_max = 15.0
+
+    def __init__(self, config: DatabaseConfig, conn: TargetConnection) -> None:
+        self.config = config
+        self.conn = conn
+        self.target = config.name
+        self.interval = config.statements.interval
+        self.scope = (("target", config.name),)
+        self._datname = LabelCap(config.max_datnames)
+        top_n = config.statements.top_n
+        self._temp = CappedCounters(top_n, other_key=("other", "other"))
+        self._exec = CappedCounters(top_n, fields=2, rank_field=1, other_key=("other", "other"))
+        self._deltas = StatementDeltas()
+        self._statements_available: bool | None = None
+        self.pinning = None
+        if config.statements.enabled and config.statements.pinning_risk:
+            from exporter.sources.pinning_risk import PinningRisk
+
+            self.pinning = PinningRisk()
+
+    async def sample(self) -> Iterable[Sample]:
+        rows = await self.conn.fetch(DATABASES)
+        temp_bytes: dict[str, float] = {}
+        temp_files: dict[str, float] = {}
+        for row in rows:
+            db = self._datname(row["datname"])
+            temp_bytes[db] = temp_bytes.get(db, 0.0) + float(row["temp_bytes"])
+            temp_files[db] = temp_files.get(db, 0.0) + float(row["temp_files"])
+        # Settings and extension presence are the same on every row.
+        has_statements = bool(rows and rows[0]["has_statements"])
+        samples = [Sample(m.WORK_MEM_BYTES, (), float(rows[0]["work_mem_bytes"]))] if rows else []
+        samples += [Sample(m.TEMP_BYTES, (db,), v) for db, v in temp_bytes.items()]
+        samples += [Sample(m.TEMP_FILES, (db,), v) for db, v in temp_files.items()]
+        if self.config.statements.enabled:
+            self._note_statements(has_statements)
+            samples.append(Sample(m.STATEMENTS_AVAILABLE, (), float(has_statements)))
+            if has_statements:
+                samples += await self._statements()
+                if self.pinning is not None:
+                    samples += await self.pinning.sample(self.conn.fetch)
+        return samples
+
+    def _note_statements(self, available: bool) -> None:
+        if available != self._statements_available:
+            if not available:
+                log.warning(
+                    "pg_stat_statements is not installed in the target database; statement "
+                    "metrics are off until it is (CREATE EXTENSION pg_stat_statements)",
+                    extra=kv(target=self.target),
+                )
+            elif self._statements_available is False:
+                log.info("pg_stat_statements is available again", extra=kv(target=self.target))
+            self._statements_available = available
+
+    async def _statements(self) -> list[Sample]:
+        rows = await self.conn.fetch(STATEMENTS)
+        seen: set[tuple[str, int]] = set()
+        for row in rows:
+            key = (row["datname"], int(row["queryid"]))
+            seen.add(key)
+            calls, seconds, temp = self._deltas.update(
+                key, (row["calls"], row["exec_seconds"], row["temp_bytes"])
+            )
+            labels = (self._datname(key[0]), str(key[1]))
+            self._temp.add(labels, temp)
+            self._exec.add(labels, calls, seconds)
+        self._deltas.forget_missing(seen)
+        self._temp.commit()
+        self._exec.commit()
+        out = [Sample(m.STATEMENT_TEMP_BYTES, key, v) for key, (v,) in self._temp.items()]
+        for key, (calls, seconds) in self._exec.items():
+            out.append(Sample(m.STATEMENT_CALLS, key, calls))
+            out.append(Sample(m.STATEMENT_EXEC_SECONDS, key, seconds))
+        return out
+
+    def status(self) -> dict[str, object]:
+        return {"pg_stat_statements": self._statements_available}

@@ -1,0 +1,101 @@
+"""Running the real daemon as a subprocess, the way users run it."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import requests
+from prometheus_client.parser import text_string_to_metric_families
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class DaemonProcess:
+    url: str
+    process: subprocess.Popen
+    log_path: Path
+    config_path: Path
+    session: requests.Session = field(default_factory=requests.Session)
+
+    def get(self, path: str, **kwargs) -> requests.Response:
+        kwargs.setdefault("timeout", 5)
+        return self.session.get(self.url + path, **kwargs)
+
+    def metrics_text(self) -> str:
+        response = self.get("/metrics")
+        response.raise_for_status()
+        return response.text
+
+    def metrics(self) -> dict[str, list[tuple[dict[str, str], float]]]:
+        """Sample name -> [(labels, value)], over every family."""
+        out: dict[str, list[tuple[dict[str, str], float]]] = {}
+        for family in text_string_to_metric_families(self.metrics_text()):
+            for s in family.samples:
+                out.setdefault(s.name, []).append((s.labels, s.value))
+        return out
+
+    def value(self, name: str, **labels: str) -> float | None:
+        """The sum of the samples of `name` whose labels include `labels`; None if absent."""
+        matches = [v for ls, v in self.metrics().get(name, [])
+                   if all(ls.get(k) == want for k, want in labels.items())]
+        return sum(matches) if matches else None
+
+    def log(self) -> str:
+        return self.log_path.read_text()
+
+    def wait_for(self, predicate, timeout: float = 15.0, interval: float = 0.2):
+        """Poll until predicate() is truthy; returns its value or raises with the log tail."""
+        deadline = time.monotonic() + timeout
+        last = None
+        while time.monotonic() < deadline:
+            with contextlib.suppress(requests.RequestException):
+                last = predicate()
+                if last:
+                    return last
+            time.sleep(interval)
+        raise AssertionError(f"condition not met in {timeout}s (last={last!r}); "
+                             f"log tail:\n{self.log()[-3000:]}")
+
+
+@contextlib.contextmanager
+def run_daemon(config_yaml: str, *extra_args: str, env: dict[str, str] | None = None,
+               wait_ready: bool = True, port: int | None = None) -> Iterator[DaemonProcess]:
+    """Start `python -m exporter` with this config on a free port; stop it afterwards."""
+    tmp = Path(tempfile.mkdtemp(prefix="pgpressure-daemon-"))
+    config_path = tmp / "config.yaml"
+    config_path.write_text(config_yaml)
+    log_path = tmp / "daemon.log"
+    port = port or free_port()
+    with open(log_path, "w") as log_file:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "exporter", "--config.file", str(config_path),
+             "--web.listen-address", f"127.0.0.1:{port}", "--log.level", "debug",
+             *extra_args],
+            stdout=log_file, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
+        )
+    daemon = DaemonProcess(f"http://127.0.0.1:{port}", process, log_path, config_path)
+    try:
+        if wait_ready:
+            daemon.wait_for(lambda: daemon.get("/-/ready").status_code == 200, timeout=20)
+        yield daemon
+    finally:
+        process.terminate()
+        try:
+            process.wait(5)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
