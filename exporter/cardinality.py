@@ -23,8 +23,14 @@ class CappedCounters:
     away gives its slot back (its series ends; it does not go backwards).
     """
 
-    def __init__(self, cap: int, fields: int = 1, rank_field: int = 0,
-                 decay: float = 0.8, other_key: Hashable = OTHER) -> None:
+    def __init__(
+        self,
+        cap: int,
+        fields: int = 1,
+        rank_field: int = 0,
+        decay: float = 0.8,
+        other_key: Hashable = OTHER,
+    ) -> None:
         if cap < 1:
             raise ValueError("cap must be at least 1")
         self.cap, self.fields, self.rank_field = cap, fields, rank_field
@@ -72,8 +78,9 @@ class CappedCounters:
         return out
 
 
-def cap_keys(counts: dict[Hashable, float], cap: int,
-             other_key: Hashable = OTHER) -> dict[Hashable, float]:
+def cap_keys(
+    counts: dict[Hashable, float], cap: int, other_key: Hashable = OTHER
+) -> dict[Hashable, float]:
     """Gauge capping: keep the `cap` largest keys, sum the rest into `other_key`."""
     if len(counts) <= cap:
         return dict(counts)

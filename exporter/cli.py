@@ -1,9 +1,9 @@
 """Command line, in the style of Prometheus exporters (exporter-toolkit flag names).
 
-    pgpressure [run] --config.file config.yaml [--web.listen-address :9188]
-                     [--web.config.file web.yml] [--log.level info] [--log.format logfmt]
-    pgpressure check-config --config.file config.yaml
-    pgpressure demo [--web.listen-address :9188]
+pgpressure [run] --config.file config.yaml [--web.listen-address :9188]
+                 [--web.config.file web.yml] [--log.level info] [--log.format logfmt]
+pgpressure check-config --config.file config.yaml
+pgpressure demo [--web.listen-address :9188]
 """
 
 from __future__ import annotations
@@ -22,10 +22,20 @@ log = logging.getLogger("pgpressure")
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--log.level", dest="log_level", default="info",
-                        choices=sorted(logs.LEVELS), help="only log at or above this level")
-    parser.add_argument("--log.format", dest="log_format", default="logfmt",
-                        choices=("logfmt", "json"), help="log line format")
+    parser.add_argument(
+        "--log.level",
+        dest="log_level",
+        default="info",
+        choices=sorted(logs.LEVELS),
+        help="only log at or above this level",
+    )
+    parser.add_argument(
+        "--log.format",
+        dest="log_format",
+        default="logfmt",
+        choices=("logfmt", "json"),
+        help="log line format",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,12 +47,24 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command")
 
     run = sub.add_parser("run", help="run the exporter (the default)")
-    run.add_argument("--config.file", dest="config_file", default="config.yaml",
-                     help="YAML configuration file (default: config.yaml)")
-    run.add_argument("--web.listen-address", dest="listen_address", default=":9188",
-                     help="address to listen on (default: :9188)")
-    run.add_argument("--web.config.file", dest="web_config_file", default=None,
-                     help="exporter-toolkit web config: TLS and basic auth")
+    run.add_argument(
+        "--config.file",
+        dest="config_file",
+        default="config.yaml",
+        help="YAML configuration file (default: config.yaml)",
+    )
+    run.add_argument(
+        "--web.listen-address",
+        dest="listen_address",
+        default=":9188",
+        help="address to listen on (default: :9188)",
+    )
+    run.add_argument(
+        "--web.config.file",
+        dest="web_config_file",
+        default=None,
+        help="exporter-toolkit web config: TLS and basic auth",
+    )
     _common(run)
 
     check = sub.add_parser("check-config", help="validate the configuration and exit")
@@ -51,15 +73,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="run on a throwaway database with a workload")
     demo.add_argument("--web.listen-address", dest="listen_address", default=":9188")
-    demo.add_argument("--duration", type=float, default=None,
-                      help="stop after this many seconds (default: until Ctrl-C)")
+    demo.add_argument(
+        "--duration",
+        type=float,
+        default=None,
+        help="stop after this many seconds (default: until Ctrl-C)",
+    )
     _common(demo)
     return parser
 
 
 def _argv_with_default_command(argv: list[str]) -> list[str]:
-    if any(a in COMMANDS for a in argv[:1]) or any(a in ("-h", "--help", "--version")
-                                                    for a in argv[:1]):
+    if any(a in COMMANDS for a in argv[:1]) or any(
+        a in ("-h", "--help", "--version") for a in argv[:1]
+    ):
         return argv
     return ["run", *argv]
 
@@ -70,8 +97,9 @@ def _fail(message: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(_argv_with_default_command(
-        list(sys.argv[1:] if argv is None else argv)))
+    args = build_parser().parse_args(
+        _argv_with_default_command(list(sys.argv[1:] if argv is None else argv))
+    )
     logs.setup(args.log_level, args.log_format)
 
     if args.command == "demo":
@@ -84,9 +112,11 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         return _fail(str(exc))
     if args.command == "check-config":
-        print(f"{args.config_file}: OK ({len(config.databases)} database target(s), "
-              f"ingest {'on' if config.ingest.enabled else 'off'}, "
-              f"rds_proxy {'on' if config.aws.rds_proxy.enabled else 'off'})")
+        print(
+            f"{args.config_file}: OK ({len(config.databases)} database target(s), "
+            f"ingest {'on' if config.ingest.enabled else 'off'}, "
+            f"rds_proxy {'on' if config.aws.rds_proxy.enabled else 'off'})"
+        )
         return 0
 
     ssl_context, middlewares = None, []
@@ -104,8 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         parse_listen_address(args.listen_address)
     except ValueError as exc:
         return _fail(str(exc))
-    log.info("starting pgpressure", extra=logs.kv(version=__version__,
-                                                  config=args.config_file))
+    log.info("starting pgpressure", extra=logs.kv(version=__version__, config=args.config_file))
     daemon = Daemon(config, args.listen_address, ssl_context, middlewares)
     try:
         asyncio.run(daemon.run())

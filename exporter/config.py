@@ -1,8 +1,8 @@
 """YAML configuration -> typed, validated objects.
 
 A bad file must produce one message a person can act on: the key path, the line in the
-file, and what was wrong, without echoing secrets. `${VAR}` is interpolated anywhere in the
-file before parsing; passwords can come from `password_file`. Every secret we learn about is
+file, and what was wrong, without echoing secrets. `${VAR}` is interpolated in every value (not
+in comments); passwords can come from `password_file`. Every secret we learn about is
 registered with `exporter.secrets` so logs and errors can never show it.
 """
 
@@ -225,8 +225,18 @@ def _describe(err: dict[str, Any]) -> str:
     return msg.removeprefix("Value error, ")
 
 
+def _interpolate_values(data: Any) -> Any:
+    """Interpolate in parsed string values only, so comments and keys are left alone."""
+    if isinstance(data, str):
+        return interpolate(data)
+    if isinstance(data, dict):
+        return {k: _interpolate_values(v) for k, v in data.items()}
+    if isinstance(data, list):
+        return [_interpolate_values(v) for v in data]
+    return data
+
+
 def parse(text: str, source: str = "<config>") -> Config:
-    text = interpolate(text)
     try:
         root = yaml.compose(text)
         data = yaml.safe_load(text)
@@ -239,6 +249,10 @@ def parse(text: str, source: str = "<config>") -> Config:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: the top level must be a mapping of keys")
+    try:
+        data = _interpolate_values(data)
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
     try:
         return Config.model_validate(data)
     except ValidationError as exc:

@@ -44,9 +44,13 @@ def parse_listen_address(address: str) -> tuple[str, int]:
 
 
 class Daemon:
-    def __init__(self, config: Config, listen_address: str = ":9188",
-                 ssl_context: ssl.SSLContext | None = None,
-                 middlewares: list[Callable] | None = None) -> None:
+    def __init__(
+        self,
+        config: Config,
+        listen_address: str = ":9188",
+        ssl_context: ssl.SSLContext | None = None,
+        middlewares: list[Callable] | None = None,
+    ) -> None:
         self.config = config
         self.listen_address = listen_address
         self.ssl_context = ssl_context
@@ -84,16 +88,25 @@ class Daemon:
         sources = []
         for runner in self.runners:
             health = self.store.health(runner.key)
-            sources.append({
-                "source": runner.key[0], "target": runner.key[1], "up": health.up,
-                "attempts": runner.attempts, "last_success": health.last_success,
-                "last_error": health.last_error, "status": runner.source.status(),
-            })
+            sources.append(
+                {
+                    "source": runner.key[0],
+                    "target": runner.key[1],
+                    "up": health.up,
+                    "attempts": runner.attempts,
+                    "last_success": health.last_success,
+                    "last_error": health.last_error,
+                    "status": runner.source.status(),
+                }
+            )
         return {"sources": sources}
 
     def pinning_offenders(self) -> dict[str, list[dict]]:
-        return {s.target: s.pinning.top_offenders()
-                for s in self.database_sources if s.pinning is not None}
+        return {
+            s.target: s.pinning.top_offenders()
+            for s in self.database_sources
+            if s.pinning is not None
+        }
 
     # -- lifecycle --------------------------------------------------------------------------
     def stop(self) -> None:
@@ -109,29 +122,39 @@ class Daemon:
         runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
         await runner.setup()
         host, port = parse_listen_address(self.listen_address)
-        site = web.TCPSite(runner, host, port, ssl_context=self.ssl_context,
-                           reuse_address=True)
+        site = web.TCPSite(runner, host, port, ssl_context=self.ssl_context, reuse_address=True)
         await site.start()
         server = getattr(site, "_server", None)
         if server is not None and server.sockets:
             self.bound_port = server.sockets[0].getsockname()[1]
-        log.info("listening", extra=kv(address=f"{host}:{self.bound_port or port}",
-                                       tls=self.ssl_context is not None))
+        log.info(
+            "listening",
+            extra=kv(address=f"{host}:{self.bound_port or port}", tls=self.ssl_context is not None),
+        )
 
         scheduler = AsyncIOScheduler(event_loop=loop)
         start = datetime.now()
         for i, source_runner in enumerate(self.runners):
             interval = source_runner.source.interval
             scheduler.add_job(
-                source_runner.run_once, "interval", seconds=interval,
+                source_runner.run_once,
+                "interval",
+                seconds=interval,
                 # Stagger first runs slightly so targets do not all query in the same instant.
                 next_run_time=start + timedelta(milliseconds=10 * i),
-                max_instances=1, coalesce=True, misfire_grace_time=max(1, int(interval)),
+                max_instances=1,
+                coalesce=True,
+                misfire_grace_time=max(1, int(interval)),
                 id=f"{source_runner.key[0]}:{source_runner.key[1]}",
             )
-            log.info("source scheduled", extra=kv(source=source_runner.key[0],
-                                                  target=source_runner.key[1],
-                                                  interval=f"{interval:g}s"))
+            log.info(
+                "source scheduled",
+                extra=kv(
+                    source=source_runner.key[0],
+                    target=source_runner.key[1],
+                    interval=f"{interval:g}s",
+                ),
+            )
         scheduler.start()
         try:
             await self._stop.wait()
@@ -143,8 +166,7 @@ class Daemon:
     async def _close(self, runner: web.AppRunner) -> None:
         async def close_all() -> None:
             await asyncio.gather(*(s.close() for s in self.sources), return_exceptions=True)
-            await asyncio.gather(*(c.close() for c in self.connections),
-                                 return_exceptions=True)
+            await asyncio.gather(*(c.close() for c in self.connections), return_exceptions=True)
             await runner.cleanup()
 
         try:

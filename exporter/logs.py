@@ -13,8 +13,12 @@ import time
 
 from exporter.secrets import RedactingFilter
 
-LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warn": logging.WARNING,
-          "error": logging.ERROR}
+LEVELS = {
+    "debug": logging.DEBUG,
+    "info": logging.INFO,
+    "warn": logging.WARNING,
+    "error": logging.ERROR,
+}
 
 
 def kv(**fields: object) -> dict[str, dict[str, object]]:
@@ -36,8 +40,12 @@ def _logfmt_value(value: object) -> str:
 class LogfmtFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         level = record.levelname.lower().replace("warning", "warn")
-        parts = [f"ts={_ts(record)}", f"level={level}", f"logger={record.name}",
-                 f"msg={_logfmt_value(record.getMessage())}"]
+        parts = [
+            f"ts={_ts(record)}",
+            f"level={level}",
+            f"logger={record.name}",
+            f"msg={_logfmt_value(record.getMessage())}",
+        ]
         for k, v in (getattr(record, "fields", None) or {}).items():
             parts.append(f"{k}={_logfmt_value(v)}")
         return " ".join(parts)
@@ -46,8 +54,7 @@ class LogfmtFormatter(logging.Formatter):
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         level = record.levelname.lower().replace("warning", "warn")
-        doc = {"ts": _ts(record), "level": level, "logger": record.name,
-               "msg": record.getMessage()}
+        doc = {"ts": _ts(record), "level": level, "logger": record.name, "msg": record.getMessage()}
         doc.update({k: str(v) for k, v in (getattr(record, "fields", None) or {}).items()})
         return json.dumps(doc)
 

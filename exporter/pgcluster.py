@@ -26,8 +26,11 @@ class ClusterError(RuntimeError):
 
 def find_bindir() -> Path:
     """The newest installed PostgreSQL server binaries (Debian layout, then PATH)."""
-    candidates = sorted(glob.glob("/usr/lib/postgresql/*/bin/pg_ctl"),
-                        key=lambda p: int(Path(p).parent.parent.name), reverse=True)
+    candidates = sorted(
+        glob.glob("/usr/lib/postgresql/*/bin/pg_ctl"),
+        key=lambda p: int(Path(p).parent.parent.name),
+        reverse=True,
+    )
     if candidates:
         return Path(candidates[0]).parent
     pg_ctl = shutil.which("pg_ctl")
@@ -92,8 +95,19 @@ class Cluster:
         self._chown(self.base)
         self.sockdir.mkdir(exist_ok=True)
         self._chown(self.sockdir)
-        self._run("initdb", "-D", str(self.datadir), "-U", "postgres", "-A", "trust",
-                  "-E", "UTF8", "--locale=C.UTF-8", "--no-sync")
+        self._run(
+            "initdb",
+            "-D",
+            str(self.datadir),
+            "-U",
+            "postgres",
+            "-A",
+            "trust",
+            "-E",
+            "UTF8",
+            "--locale=C.UTF-8",
+            "--no-sync",
+        )
         conf = {
             "listen_addresses": "'127.0.0.1'",
             "port": str(self.port),
@@ -115,8 +129,18 @@ class Cluster:
         return self
 
     def start(self) -> Cluster:
-        result = self._run("pg_ctl", "-D", str(self.datadir), "-l", str(self.logfile),
-                           "-w", "-t", "30", "start", check=False)
+        result = self._run(
+            "pg_ctl",
+            "-D",
+            str(self.datadir),
+            "-l",
+            str(self.logfile),
+            "-w",
+            "-t",
+            "30",
+            "start",
+            check=False,
+        )
         if result.returncode != 0:
             tail = self.logfile.read_text()[-2000:] if self.logfile.exists() else ""
             raise ClusterError(f"pg_ctl start failed: {result.stderr.strip()}\n{tail}")
@@ -135,15 +159,33 @@ class Cluster:
             shutil.rmtree(self.base, ignore_errors=True)
 
     # -- convenience -----------------------------------------------------------------------
-    def dsn(self, user: str = "postgres", dbname: str = "postgres",
-            password: str | None = None) -> str:
+    def dsn(
+        self, user: str = "postgres", dbname: str = "postgres", password: str | None = None
+    ) -> str:
         auth = f"{user}:{password}" if password else user
         return f"postgresql://{auth}@127.0.0.1:{self.port}/{dbname}"
 
     def psql(self, sql: str, dbname: str = "postgres") -> str:
-        result = self._run("psql", "-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1",
-                           "-h", str(self.sockdir), "-p", str(self.port), "-U", "postgres",
-                           "-d", dbname, "-c", sql, check=False)
+        result = self._run(
+            "psql",
+            "-X",
+            "-q",
+            "-A",
+            "-t",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-h",
+            str(self.sockdir),
+            "-p",
+            str(self.port),
+            "-U",
+            "postgres",
+            "-d",
+            dbname,
+            "-c",
+            sql,
+            check=False,
+        )
         if result.returncode != 0:
             raise ClusterError(f"psql failed: {result.stderr.strip()}")
         return result.stdout.strip()

@@ -48,8 +48,12 @@ class StoreCollector:
     def collect(self) -> Iterator[Metric]:
         families: dict[tuple[str, tuple[str, ...]], Metric] = {}
 
-        def add(spec: MetricSpec, scope_names: tuple[str, ...], values: tuple[str, ...],
-                value: float | HistogramValue) -> None:
+        def add(
+            spec: MetricSpec,
+            scope_names: tuple[str, ...],
+            values: tuple[str, ...],
+            value: float | HistogramValue,
+        ) -> None:
             names = (*scope_names, *spec.labels)
             fam = families.get((spec.name, names))
             if fam is None:

@@ -51,8 +51,13 @@ class SourceRunner:
             # Half an interval of slack so the next scheduled tick is not skipped by jitter.
             delay = self._backoff(health.consecutive_failures)
             health.next_attempt = now + delay - self.source.interval / 2
-            fields = kv(source=self.key[0], target=self.key[1], err=message,
-                        failures=health.consecutive_failures, retry_in=f"{delay:g}s")
+            fields = kv(
+                source=self.key[0],
+                target=self.key[1],
+                err=message,
+                failures=health.consecutive_failures,
+                retry_in=f"{delay:g}s",
+            )
             if health.consecutive_failures == 1 or message != health.last_error:
                 log.warning("source failed", extra=fields)
             else:
@@ -63,8 +68,14 @@ class SourceRunner:
         else:
             self.store.publish(self.key, samples, self.source.scope)
             if health.consecutive_failures:
-                log.info("source recovered", extra=kv(source=self.key[0], target=self.key[1],
-                                                      after_failures=health.consecutive_failures))
+                log.info(
+                    "source recovered",
+                    extra=kv(
+                        source=self.key[0],
+                        target=self.key[1],
+                        after_failures=health.consecutive_failures,
+                    ),
+                )
             health.up = True
             health.last_success = time.time()
             health.consecutive_failures = 0

@@ -41,8 +41,9 @@ class Store:
     _health: dict[SourceKey, SourceHealth] = field(default_factory=dict)
     version: int = 0  # bumped on every write, lets the renderer reuse its last output
 
-    def publish(self, key: SourceKey, samples: Iterable[Sample],
-                scope: tuple[tuple[str, str], ...] = ()) -> None:
+    def publish(
+        self, key: SourceKey, samples: Iterable[Sample], scope: tuple[tuple[str, str], ...] = ()
+    ) -> None:
         self._snapshots[key] = Snapshot(tuple(samples), scope, time.time())
         self.version += 1
 

@@ -79,12 +79,12 @@ async def landing(request: web.Request) -> web.Response:
     rows = []
     for source in daemon.status()["sources"]:
         state = "up" if source["up"] else ("failing" if source["attempts"] else "starting")
-        error = f'<br><small>{esc(source["last_error"])}</small>' if source["last_error"] else ""
+        error = f"<br><small>{esc(source['last_error'])}</small>" if source["last_error"] else ""
         extra = ", ".join(f"{esc(str(k))}: {esc(str(v))}" for k, v in source["status"].items())
         rows.append(
             f'<tr class="{state}"><td>{esc(source["source"])}</td>'
-            f'<td>{esc(source["target"])}</td><td>{state}{error}</td>'
-            f'<td>{_ago(source["last_success"])}</td><td>{extra}</td></tr>'
+            f"<td>{esc(source['target'])}</td><td>{state}{error}</td>"
+            f"<td>{_ago(source['last_success'])}</td><td>{extra}</td></tr>"
         )
     processes = daemon.apps.status().get("processes", 0) if daemon.apps else "ingest disabled"
     page = f"""<!DOCTYPE html>
@@ -113,8 +113,11 @@ Version <span id="version">{esc(__version__)}</span>.</p>
 
 
 def build_app(daemon: Daemon, middlewares: list | None = None) -> web.Application:
-    app = web.Application(middlewares=middlewares or [], client_max_size=64 * 1024 * 1024,
-                          handler_args={"max_field_size": 8190, "max_line_size": 8190})
+    app = web.Application(
+        middlewares=middlewares or [],
+        client_max_size=64 * 1024 * 1024,
+        handler_args={"max_field_size": 8190, "max_line_size": 8190},
+    )
     app[DAEMON] = daemon
     app.router.add_get("/", landing)
     app.router.add_get("/metrics", metrics)

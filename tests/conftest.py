@@ -9,7 +9,7 @@ import pytest
 
 from exporter.pgcluster import Cluster
 
-MONITOR_PASSWORD = "mon-" + uuid.uuid4().hex[:12]
+MONITOR_PASSWORD = "Mon-canary-5e1f9a"  # a canary: tests assert it never leaks
 
 
 @pytest.fixture(scope="session")
@@ -18,8 +18,7 @@ def pg() -> Iterator[Cluster]:
     with Cluster() as cluster:
         cluster.psql("CREATE EXTENSION pg_stat_statements")
         cluster.psql(
-            f"CREATE ROLE monitor LOGIN PASSWORD '{MONITOR_PASSWORD}'; "
-            "GRANT pg_monitor TO monitor"
+            f"CREATE ROLE monitor LOGIN PASSWORD '{MONITOR_PASSWORD}'; GRANT pg_monitor TO monitor"
         )
         yield cluster
 

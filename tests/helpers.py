@@ -50,8 +50,11 @@ class DaemonProcess:
 
     def value(self, name: str, **labels: str) -> float | None:
         """The sum of the samples of `name` whose labels include `labels`; None if absent."""
-        matches = [v for ls, v in self.metrics().get(name, [])
-                   if all(ls.get(k) == want for k, want in labels.items())]
+        matches = [
+            v
+            for ls, v in self.metrics().get(name, [])
+            if all(ls.get(k) == want for k, want in labels.items())
+        ]
         return sum(matches) if matches else None
 
     def log(self) -> str:
@@ -67,13 +70,19 @@ class DaemonProcess:
                 if last:
                     return last
             time.sleep(interval)
-        raise AssertionError(f"condition not met in {timeout}s (last={last!r}); "
-                             f"log tail:\n{self.log()[-3000:]}")
+        raise AssertionError(
+            f"condition not met in {timeout}s (last={last!r}); log tail:\n{self.log()[-3000:]}"
+        )
 
 
 @contextlib.contextmanager
-def run_daemon(config_yaml: str, *extra_args: str, env: dict[str, str] | None = None,
-               wait_ready: bool = True, port: int | None = None) -> Iterator[DaemonProcess]:
+def run_daemon(
+    config_yaml: str,
+    *extra_args: str,
+    env: dict[str, str] | None = None,
+    wait_ready: bool = True,
+    port: int | None = None,
+) -> Iterator[DaemonProcess]:
     """Start `python -m exporter` with this config on a free port; stop it afterwards."""
     tmp = Path(tempfile.mkdtemp(prefix="pgpressure-daemon-"))
     config_path = tmp / "config.yaml"
@@ -82,10 +91,21 @@ def run_daemon(config_yaml: str, *extra_args: str, env: dict[str, str] | None = 
     port = port or free_port()
     with open(log_path, "w") as log_file:
         process = subprocess.Popen(
-            [sys.executable, "-m", "exporter", "--config.file", str(config_path),
-             "--web.listen-address", f"127.0.0.1:{port}", "--log.level", "debug",
-             *extra_args],
-            stdout=log_file, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
+            [
+                sys.executable,
+                "-m",
+                "exporter",
+                "--config.file",
+                str(config_path),
+                "--web.listen-address",
+                f"127.0.0.1:{port}",
+                "--log.level",
+                "debug",
+                *extra_args,
+            ],
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **(env or {})},
         )
     daemon = DaemonProcess(f"http://127.0.0.1:{port}", process, log_path, config_path)
     try:

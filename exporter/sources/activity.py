@@ -42,8 +42,14 @@ LEFT JOIN (
 ) g ON true
 """
 
-STATES = ("active", "idle", "idle in transaction", "idle in transaction (aborted)",
-          "fastpath function call", "disabled")
+STATES = (
+    "active",
+    "idle",
+    "idle in transaction",
+    "idle in transaction (aborted)",
+    "fastpath function call",
+    "disabled",
+)
 
 
 class LabelCap:
@@ -65,6 +71,9 @@ class LabelCap:
             return value
         return "other"
 
+    def seen(self) -> set[str]:
+        return set(self._admitted)
+
 
 class ActivitySource(Source):
     name = "activity"
@@ -78,8 +87,9 @@ class ActivitySource(Source):
         self.scope = (("target", config.name),)
         self._datname = LabelCap(config.max_datnames)
         self._load: dict[tuple[str, str, str], float] = defaultdict(float)
-        self._by_app = CappedCounters(config.activity.top_applications,
-                                      other_key=("other", "other"))
+        self._by_app = CappedCounters(
+            config.activity.top_applications, other_key=("other", "other")
+        )
         self._samples = 0
 
     async def sample(self) -> Iterable[Sample]:
@@ -100,8 +110,11 @@ class ActivitySource(Source):
             state = row["state"]
             sessions[(db, state)] += n
             blocked[db] += float(row["blocked"])
-            for ages, key in ((oldest_xact, "xact_age"), (oldest_idle, "idle_in_xact_age"),
-                              (oldest_query, "query_age")):
+            for ages, key in (
+                (oldest_xact, "xact_age"),
+                (oldest_idle, "idle_in_xact_age"),
+                (oldest_query, "query_age"),
+            ):
                 age = row[key]
                 ages[db] = max(ages[db], float(age) if age is not None else 0.0)
             if state == "active":
@@ -111,18 +124,26 @@ class ActivitySource(Source):
                 self._by_app.add((db, row["application_name"]), n * step)
         self._by_app.commit()
         self._samples += 1
-        return list(self._render(sessions, blocked, oldest_xact, oldest_idle, oldest_query,
-                                 max_connections))
+        return list(
+            self._render(sessions, blocked, oldest_xact, oldest_idle, oldest_query, max_connections)
+        )
 
-    def _render(self, sessions: dict[tuple[str, str], float], blocked: dict[str, float],
-                oldest_xact: dict[str, float], oldest_idle: dict[str, float],
-                oldest_query: dict[str, float], max_connections: float) -> Iterable[Sample]:
+    def _render(
+        self,
+        sessions: dict[tuple[str, str], float],
+        blocked: dict[str, float],
+        oldest_xact: dict[str, float],
+        oldest_idle: dict[str, float],
+        oldest_query: dict[str, float],
+        max_connections: float,
+    ) -> Iterable[Sample]:
         for labels, seconds in self._load.items():
             yield Sample(m.ACTIVE_SESSION_SECONDS, labels, seconds)
         for (db, app), (seconds,) in self._by_app.items():
             yield Sample(m.APPLICATION_ACTIVE_SESSION_SECONDS, (db, app), seconds)
-        # Every known state per database, so a state that empties reads 0 rather than vanishing.
-        for db in {db for db, _ in sessions}:
+        # Every state of every database seen so far, so a gauge that empties reads 0 rather
+        # than vanishing (the set is bounded by the datname cap).
+        for db in self._datname.seen() | {db for db, _ in sessions}:
             for state in STATES:
                 yield Sample(m.SESSIONS, (db, state), sessions.get((db, state), 0.0))
             yield Sample(m.BLOCKED_SESSIONS, (db,), blocked[db])
