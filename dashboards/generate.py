@@ -592,7 +592,8 @@ def app_pools() -> dict:
             ),
             timeseries(
                 "Statements per second",
-                "Statements executed per second per pool.",
+                "Statements executed per second per pool. A rise without more traffic points at "
+                "N+1 query patterns (lazy loading in loops).",
                 "ops",
                 [
                     Q(
