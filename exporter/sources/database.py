@@ -20,6 +20,7 @@ from exporter.metrics import Sample
 from exporter.pg import TargetConnection
 from exporter.sources.activity import LabelCap
 from exporter.sources.base import Source
+from exporter.sources.pinning_risk import PinningRisk
 
 log = logging.getLogger("pgpressure.database")
 
@@ -83,11 +84,9 @@ class DatabaseSource(Source):
         self._exec = CappedCounters(top_n, fields=2, rank_field=1, other_key=("other", "other"))
         self._deltas = StatementDeltas()
         self._statements_available: bool | None = None
-        self.pinning = None
+        self.pinning: PinningRisk | None = None
         if config.statements.enabled and config.statements.pinning_risk:
-            from exporter.sources.pinning_risk import PinningRisk
-
-            self.pinning = PinningRisk()
+            self.pinning = PinningRisk(top_n, config.max_datnames)
 
     async def sample(self) -> Iterable[Sample]:
         rows = await self.conn.fetch(DATABASES)
