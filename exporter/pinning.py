@@ -225,3 +225,66 @@ def classify(sql: str) -> frozenset[str]:
 def primary(reasons: frozenset[str] | set[str]) -> str | None:
     """The first reason in `REASONS` order; a stable single answer for display."""
     return next((r for r in REASONS if r in reasons), None)
+
+
+# --- the proxy's own log lines ----------------------------------------------------------
+#
+# RDS Proxy writes one line per pin to /aws/rds/proxy/<proxy> (enhanced logging), e.g.
+#
+#   [WARN] [proxyEndpoint=default] [clientConnection=2125203372] The client session was pinned
+#   to the database connection [dbConnection=1953961465] for the remainder of the session. The
+#   proxy can't reuse this connection until the session ends. Reason: SQL changed session
+#   settings that the proxy doesn't track. Consider moving session configuration to the
+#   proxy's initialization query. Digest: "set search_path to $1,$2,$3".
+#
+# Reasons seen in public reports include "A parse message was detected." (extended query
+# protocol), "Running a prepared statement", "A SET statement was detected." and the session
+# settings one above. AWS does not publish the full list, so reasons are matched by keywords,
+# and a generic "session settings" reason is refined by its Digest, which is the normalized
+# statement that caused the pin. Lines announcing a *possible* pin ("If this prepared statement
+# runs, the client session will be pinned") are not pins and are not counted.
+
+PIN_MARKER = "was pinned"
+
+_LOG_RULES: tuple[tuple[tuple[str, ...], str], ...] = (
+    (
+        ("text size", "too large", "larger than", "exceed", "16 kb", "16384", "size limit"),
+        STATEMENT_TOO_LARGE,
+    ),
+    (("parse message", "prepare"), PREPARED_STATEMENT),
+    (("temporary", "temp table"), TEMPORARY_OBJECT),
+    (("advisory", "lock"), ADVISORY_LOCK),
+    (("sequence", "nextval", "setval", "currval"), SEQUENCE),
+    (("listen", "notification channel"), LISTEN),
+    (("cursor",), CURSOR),
+    (
+        (
+            "session setting",
+            "set statement",
+            "set command",
+            "session state",
+            "parameter",
+            "variable",
+            "discard",
+            "configuration",
+        ),
+        SESSION_SETTINGS,
+    ),
+)
+
+
+def log_reason(message: str) -> str | None:
+    """The reason slug of an RDS Proxy pinning log line; None if the line is not a pin."""
+    if PIN_MARKER not in message:
+        return None
+    _, _, reason = message.partition("Reason:")
+    reason, _, digest = reason.partition("Digest:")
+    text = reason.lower()
+    slug = next((s for keys, s in _LOG_RULES if any(k in text for k in keys)), None)
+    if slug in (None, SESSION_SETTINGS):
+        sql = digest.strip().rstrip(".").strip().strip('"').strip()
+        if sql:
+            refined = primary(classify(sql) - {STATEMENT_TOO_LARGE})
+            if refined is not None:
+                return refined
+    return slug or OTHER

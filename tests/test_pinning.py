@@ -7,7 +7,7 @@ import asyncpg
 import pytest
 
 from exporter import metrics as m
-from exporter.pinning import MAX_STATEMENT_BYTES, REASONS, classify, primary
+from exporter.pinning import MAX_STATEMENT_BYTES, REASONS, classify, log_reason, primary
 from exporter.sources.pinning_risk import PinningRisk
 
 # --- the classifier ----------------------------------------------------------------------
@@ -196,3 +196,51 @@ async def test_counts_never_decrease_across_resets_and_evictions(pg, fresh_db) -
     finally:
         await app.close()
         await monitor.close()
+
+
+# --- the proxy's log lines -----------------------------------------------------------------
+
+_LINE = (
+    "[WARN] [proxyEndpoint=default] [clientConnection=2125203372] The client session was "
+    "pinned to the database connection [dbConnection=1953961465] for the remainder of the "
+    "session. The proxy can't reuse this connection until the session ends. Reason: "
+)
+_SETTINGS = (
+    "SQL changed session settings that the proxy doesn't track. Consider moving session "
+    "configuration to the proxy's initialization query. Digest: "
+)
+
+LOG_LINES = {
+    _LINE + "A parse message was detected.": "prepared_statement",
+    _LINE + "Running a prepared statement.": "prepared_statement",
+    _LINE + "A SET statement was detected.": "session_settings",
+    _LINE + _SETTINGS + '"set search_path to $1,$2,$3".': "session_settings",
+    _LINE + _SETTINGS + '"set client_encoding to $1".': "session_settings",
+    # the generic settings reason is refined by its digest, the statement that pinned
+    _LINE + _SETTINGS + '"select nextval($1)".': "sequence",
+    _LINE + _SETTINGS + '"select pg_advisory_lock($1)".': "advisory_lock",
+    _LINE + _SETTINGS + '"create temp table t (a int)".': "temporary_object",
+    _LINE + _SETTINGS + '"listen orders".': "listen",
+    _LINE + "The statement text size exceeded 16384 bytes.": "statement_too_large",
+    _LINE + "A temporary table was created.": "temporary_object",
+    _LINE + "A cursor was declared.": "cursor",
+    _LINE + "Something the proxy will say in a future version.": "other",
+    _LINE.removesuffix(" Reason: "): "other",
+}
+
+
+@pytest.mark.parametrize("line", sorted(LOG_LINES))
+def test_classifies_proxy_pinning_log_lines(line: str) -> None:
+    assert log_reason(line) == LOG_LINES[line]
+
+
+def test_lines_that_are_not_pins_are_not_counted() -> None:
+    assert (
+        log_reason(
+            "[INFO] [proxyEndpoint=default] [clientConnection=1] If this prepared statement runs, "
+            "the client session will be pinned. Reason: SQL changed session settings that the "
+            "proxy doesn't track."
+        )
+        is None
+    )
+    assert log_reason("[INFO] A new client connected from 10.0.1.17:52344.") is None

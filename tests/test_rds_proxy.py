@@ -1,0 +1,606 @@
+"""The RDS Proxy source against a real AWS API emulator (moto in server mode), through a small
+HTTP proxy that counts requests per API operation and injects faults."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import logging
+import math
+import threading
+import time
+from collections import Counter, defaultdict
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qs, urlsplit
+
+import boto3
+import pytest
+import requests
+from moto.server import ThreadedMotoServer
+
+from exporter import metrics as m
+from exporter.config import AwsConfig
+from exporter.pinning import REASONS
+from exporter.render import Renderer
+from exporter.runner import SourceRunner
+from exporter.sources.rds_proxy import AwsApiError, RdsProxySource
+from exporter.store import Store
+
+SECRET = "pgpressure-test-secret-0123456789"
+KEY_ID = "AKIAPGPRESSURETEST01"
+REGION = "us-east-1"
+
+# --- a fault-injecting, request-counting HTTP proxy in front of moto ---------------------
+
+
+class FaultProxy:
+    """Forwards every request to moto; counts them by operation (X-Amz-Target for the JSON
+    protocols, Action= for the query protocol) and answers with a queued fault instead when
+    one is armed for that operation."""
+
+    def __init__(self, upstream: str) -> None:
+        self.upstream = urlsplit(upstream)
+        self.calls: Counter[str] = Counter()
+        self.faults: dict[str, list[tuple[int, bytes, dict[str, str]]]] = defaultdict(list)
+        self.lock = threading.Lock()
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def _handle(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                op = proxy.operation(self.headers, body)
+                with proxy.lock:
+                    proxy.calls[op] += 1
+                    fault = proxy.faults[op].pop(0) if proxy.faults[op] else None
+                if fault is None:
+                    status, headers, payload = proxy.forward(
+                        self.command, self.path, self.headers, body
+                    )
+                else:
+                    status, payload, headers = fault
+                self.send_response(status)
+                for name, value in headers.items():
+                    self.send_header(name, value)
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+
+            do_GET = do_POST = _handle  # http.server's naming
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    @staticmethod
+    def operation(headers, body: bytes) -> str:
+        target = headers.get("X-Amz-Target")
+        if target:
+            return target.rsplit(".", 1)[-1]
+        action = parse_qs(body.decode("utf-8", "replace")).get("Action")
+        return action[0] if action else "?"
+
+    def forward(self, method: str, path: str, headers, body: bytes):
+        conn = http.client.HTTPConnection(self.upstream.hostname, self.upstream.port, timeout=30)
+        try:
+            skip = {"connection", "content-length", "transfer-encoding"}
+            conn.request(
+                method, path, body, {k: v for k, v in headers.items() if k.lower() not in skip}
+            )
+            resp = conn.getresponse()
+            payload = resp.read()
+            out = {k: v for k, v in resp.getheaders() if k.lower() not in skip}
+            return resp.status, out, payload
+        finally:
+            conn.close()
+
+    def inject(
+        self,
+        operation: str,
+        status: int,
+        body: bytes | str,
+        headers: dict[str, str] | None = None,
+        times: int = 1,
+    ) -> None:
+        payload = body.encode() if isinstance(body, str) else body
+        with self.lock:
+            self.faults[operation] += [(status, payload, headers or {})] * times
+
+    def reset(self) -> None:
+        with self.lock:
+            self.calls.clear()
+            self.faults.clear()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+JSON10 = {"Content-Type": "application/x-amz-json-1.0"}
+JSON11 = {"Content-Type": "application/x-amz-json-1.1"}
+THROTTLED = json.dumps(
+    {"__type": "com.amazonaws.cloudwatch#ThrottlingException", "message": "Rate exceeded"}
+)
+
+
+@pytest.fixture(scope="module")
+def moto_url() -> Iterator[str]:
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def fault_proxy(moto_url: str) -> Iterator[FaultProxy]:
+    proxy = FaultProxy(moto_url)
+    yield proxy
+    proxy.close()
+
+
+@pytest.fixture
+def aws(moto_url: str, fault_proxy: FaultProxy):
+    """A clean emulator; boto3 clients that talk to it directly (setup is not counted)."""
+    requests.post(f"{moto_url}/moto-api/reset", timeout=10).raise_for_status()
+    fault_proxy.reset()
+    kw = {
+        "region_name": REGION,
+        "endpoint_url": moto_url,
+        "aws_access_key_id": "setup",
+        "aws_secret_access_key": "setup",
+    }
+    return {name: boto3.client(name, **kw) for name in ("ec2", "rds", "cloudwatch", "logs")}
+
+
+# --- the world: proxies, datapoints, log lines -------------------------------------------
+
+T0 = float(math.floor(time.time()))  # the source's clock at the first poll
+DELAY = 120.0
+WINDOW_END = math.floor((T0 - DELAY) / 60) * 60
+
+
+def _at(seconds_before_window_end: float) -> datetime:
+    return datetime.fromtimestamp(WINDOW_END - seconds_before_window_end, UTC)
+
+
+PIN = (
+    "[WARN] [proxyEndpoint=default] [clientConnection={c}] The client session was pinned to "
+    "the database connection [dbConnection={d}] for the remainder of the session. The proxy "
+    "can't reuse this connection until the session ends. Reason: {reason}"
+)
+SETTINGS = (
+    "SQL changed session settings that the proxy doesn't track. Consider moving "
+    'session configuration to the proxy\'s initialization query. Digest: "{digest}".'
+)
+ORDERS_LINES = [
+    PIN.format(c=1, d=11, reason=SETTINGS.format(digest="set search_path to $1,$2,$3")),
+    PIN.format(c=2, d=12, reason=SETTINGS.format(digest="set search_path to $1,$2,$3")),
+    PIN.format(c=3, d=13, reason=SETTINGS.format(digest="set extra_float_digits = $1")),
+    PIN.format(c=4, d=14, reason="A parse message was detected."),
+    PIN.format(c=5, d=15, reason="A parse message was detected."),
+    PIN.format(c=6, d=16, reason=SETTINGS.format(digest="select pg_advisory_lock($1)")),
+    PIN.format(c=7, d=17, reason=SETTINGS.format(digest="create temp table t (a int)")),
+    PIN.format(c=8, d=18, reason=SETTINGS.format(digest="select nextval($1)")),
+    PIN.format(c=9, d=19, reason=SETTINGS.format(digest="select nextval($1)")),
+    # not pins: a warning about a possible pin, and ordinary connection chatter
+    "[INFO] [proxyEndpoint=default] [clientConnection=10] If this prepared statement runs, the "
+    "client session will be pinned. Reason: SQL changed session settings that the proxy "
+    "doesn't track.",
+    "[INFO] [proxyEndpoint=default] A new client connected from 10.0.1.17:52344.",
+]
+ORDERS_REASONS = {
+    "session_settings": 3,
+    "prepared_statement": 2,
+    "advisory_lock": 1,
+    "temporary_object": 1,
+    "sequence": 2,
+}
+
+
+def _put(
+    cw,
+    proxy: str,
+    name: str,
+    values: list[float],
+    when: datetime,
+    extra: dict[str, str] | None = None,
+    unit: str = "Count",
+) -> None:
+    dims = [{"Name": "ProxyName", "Value": proxy}]
+    dims += [{"Name": k, "Value": v} for k, v in (extra or {}).items()]
+    cw.put_metric_data(
+        Namespace="AWS/RDS",
+        MetricData=[
+            {"MetricName": name, "Dimensions": dims, "Timestamp": when, "Value": v, "Unit": unit}
+            for v in values
+        ],
+    )
+
+
+def _create_proxy(rds, name: str, subnets: list[str], engine: str = "POSTGRESQL") -> None:
+    rds.create_db_proxy(
+        DBProxyName=name,
+        EngineFamily=engine,
+        RoleArn="arn:aws:iam::123456789012:role/proxy",
+        Auth=[
+            {
+                "AuthScheme": "SECRETS",
+                "IAMAuth": "DISABLED",
+                "SecretArn": "arn:aws:secretsmanager:us-east-1:123456789012:secret:db-abc",
+            }
+        ],
+        VpcSubnetIds=subnets,
+    )
+
+
+def _put_logs(logs, proxy: str, lines: list[str], start: float, create: bool = True) -> None:
+    group = f"/aws/rds/proxy/{proxy}"
+    if create:
+        logs.create_log_group(logGroupName=group)
+        logs.create_log_stream(logGroupName=group, logStreamName="proxy-host-1")
+    logs.put_log_events(
+        logGroupName=group,
+        logStreamName="proxy-host-1",
+        logEvents=[
+            {"timestamp": int((start + i) * 1000), "message": line} for i, line in enumerate(lines)
+        ],
+    )
+
+
+def build_world(aws) -> None:
+    ec2, rds, cw, logs = aws["ec2"], aws["rds"], aws["cloudwatch"], aws["logs"]
+    vpc = ec2.create_vpc(CidrBlock="10.20.0.0/16")["Vpc"]["VpcId"]
+    subnets = [
+        ec2.create_subnet(
+            VpcId=vpc, CidrBlock=f"10.20.{i}.0/24", AvailabilityZone=f"{REGION}{zone}"
+        )["Subnet"]["SubnetId"]
+        for i, zone in enumerate("ab")
+    ]
+    rds.create_db_instance(
+        DBInstanceIdentifier="orders-db",
+        Engine="postgres",
+        DBInstanceClass="db.t3.micro",
+        MasterUsername="app",
+        MasterUserPassword="not-used-123",
+        AllocatedStorage=20,
+    )
+    for name in ("orders-proxy", "billing-proxy", "idle-proxy"):
+        _create_proxy(rds, name, subnets)
+    _create_proxy(rds, "legacy-mysql-proxy", subnets, engine="MYSQL")
+    rds.register_db_proxy_targets(
+        DBProxyName="orders-proxy", TargetGroupName="default", DBInstanceIdentifiers=["orders-db"]
+    )
+
+    # orders-proxy, ProxyName only. Two proxy hosts report in the same minute: Sum adds them,
+    # Average averages the latencies (microseconds).
+    _put(cw, "orders-proxy", "DatabaseConnections", [2.0], _at(240))  # older: not the newest
+    _put(cw, "orders-proxy", "DatabaseConnections", [3.0, 4.0], _at(90))
+    _put(cw, "orders-proxy", "DatabaseConnections", [999.0], _at(-30))  # after the window
+    _put(cw, "orders-proxy", "DatabaseConnectionsCurrentlySessionPinned", [2.0, 3.0], _at(90))
+    _put(cw, "orders-proxy", "DatabaseConnectionsCurrentlyBorrowed", [1.0, 1.0], _at(90))
+    _put(cw, "orders-proxy", "DatabaseConnectionsCurrentlyInTransaction", [1.0], _at(90))
+    _put(cw, "orders-proxy", "MaxDatabaseConnectionsAllowed", [45.0, 45.0], _at(90))
+    _put(cw, "orders-proxy", "ClientConnections", [20.0, 22.0], _at(90))
+    _put(
+        cw,
+        "orders-proxy",
+        "DatabaseConnectionsBorrowLatency",
+        [1500.0, 2500.0],
+        _at(90),
+        unit="Microseconds",
+    )
+    _put(cw, "orders-proxy", "QueryDatabaseResponseLatency", [800.0], _at(90), unit="Microseconds")
+    # per target (dimension set 3) and per role (set 4, not read)
+    target = {"TargetGroup": "default", "Target": "orders-db"}
+    _put(cw, "orders-proxy", "DatabaseConnections", [6.0], _at(90), target)
+    _put(cw, "orders-proxy", "DatabaseConnectionsCurrentlySessionPinned", [4.0], _at(90), target)
+    _put(
+        cw,
+        "orders-proxy",
+        "QueryDatabaseResponseLatency",
+        [1200.0],
+        _at(90),
+        target,
+        unit="Microseconds",
+    )
+    _put(
+        cw,
+        "orders-proxy",
+        "DatabaseConnections",
+        [100.0],
+        _at(90),
+        {"TargetGroup": "default", "TargetRole": "READ_WRITE"},
+    )
+    # billing-proxy reports connections but has never pinned one: pinned is 0, not absent
+    _put(cw, "billing-proxy", "DatabaseConnections", [3.0], _at(60))
+    # idle-proxy: nothing at all, and no log group
+
+    _put_logs(logs, "orders-proxy", ORDERS_LINES, T0 - 60)
+    _put_logs(logs, "billing-proxy", [ORDERS_LINES[-1]], T0 - 30)
+
+
+class Clock:
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def make_source(url: str, clock: Clock, **rds_proxy: object) -> RdsProxySource:
+    config = AwsConfig(
+        region=REGION,
+        endpoint_url=url,
+        access_key_id=KEY_ID,
+        secret_access_key=SECRET,
+        rds_proxy={"enabled": True, "interval": 60, "delay": DELAY, **rds_proxy},
+    )
+    return RdsProxySource(config, clock=clock, log_call_spacing=0)
+
+
+def values(samples) -> dict[tuple[str, tuple[str, ...]], float]:
+    return {(s.spec.name, s.labels): s.value for s in samples}
+
+
+def gauges(samples, labels: tuple[str, str, str]) -> dict[str, float]:
+    return {s.spec.name: s.value for s in samples if s.spec.kind == "gauge" and s.labels == labels}
+
+
+def pin_counts(samples, proxy: str) -> dict[str, float]:
+    return {
+        s.labels[1]: s.value
+        for s in samples
+        if s.spec is m.RDS_PROXY_PINNING_EVENTS and s.labels[0] == proxy
+    }
+
+
+# --- tests ----------------------------------------------------------------------------------
+
+
+async def test_metrics_units_reasons_and_one_batched_call(aws, fault_proxy, caplog) -> None:
+    build_world(aws)
+    clock = Clock(T0)
+    source = make_source(fault_proxy.url, clock)
+    caplog.set_level(logging.INFO, logger="pgpressure.rds_proxy")
+
+    samples = list(await source.sample())
+
+    assert gauges(samples, ("orders-proxy", "", "")) == {
+        "rds_proxy_database_connections": 7.0,  # newest minute, Sum of two hosts
+        "rds_proxy_database_connections_currently_session_pinned": 5.0,
+        "rds_proxy_database_connections_currently_borrowed": 2.0,
+        "rds_proxy_database_connections_currently_in_transaction": 1.0,
+        "rds_proxy_max_database_connections_allowed": 90.0,
+        "rds_proxy_client_connections": 42.0,
+        "rds_proxy_database_connections_borrow_latency_seconds": pytest.approx(0.002),
+        "rds_proxy_query_database_response_latency_seconds": pytest.approx(0.0008),
+    }
+    # Per target: only what CloudWatch has; no ClientConnections (not published per target).
+    assert gauges(samples, ("orders-proxy", "default", "orders-db")) == {
+        "rds_proxy_database_connections": 6.0,
+        "rds_proxy_database_connections_currently_session_pinned": 4.0,
+        "rds_proxy_query_database_response_latency_seconds": pytest.approx(0.0012),
+    }
+    # Reporting but never pinned: pinned is 0; everything without a datapoint is absent.
+    assert gauges(samples, ("billing-proxy", "", "")) == {
+        "rds_proxy_database_connections": 3.0,
+        "rds_proxy_database_connections_currently_session_pinned": 0.0,
+    }
+    assert not [s for s in samples if s.labels[:1] == ("idle-proxy",)]
+    assert not [s for s in samples if s.labels[:1] == ("legacy-mysql-proxy",)]
+    assert 100.0 not in {s.value for s in samples}  # the TargetRole dimension set is not read
+    assert 999.0 not in {s.value for s in samples}  # newer than `delay`: not published yet
+
+    # every reason is exported (0 until seen) so rate() works from the first pin
+    assert pin_counts(samples, "orders-proxy") == {
+        reason: float(ORDERS_REASONS.get(reason, 0)) for reason in REASONS
+    }
+    assert set(pin_counts(samples, "billing-proxy").values()) == {0.0}
+    assert pin_counts(samples, "idle-proxy") == {}
+
+    # One GetMetricData call for all proxies; its cost counted per metric query:
+    # 3 PostgreSQL proxies x 8 metrics + 6 per-target metrics for orders-db.
+    assert fault_proxy.calls["GetMetricData"] == 1
+    requested = values(samples)[("pgpressure_cloudwatch_metrics_requested_total", ())]
+    assert requested == 3 * 8 + 6
+    assert fault_proxy.calls["DescribeDBProxies"] == 1
+    assert fault_proxy.calls["FilterLogEvents"] == 3
+    missing = [r for r in caplog.records if "log group missing" in r.getMessage()]
+    assert len(missing) == 1 and missing[0].fields["proxy"] == "idle-proxy"
+
+    # A minute later: new lines are counted once, the overlap is not counted twice, the
+    # missing log group is not retried before discovery_interval, discovery is not repeated.
+    _put_logs(
+        aws["logs"], "orders-proxy", [ORDERS_LINES[3], ORDERS_LINES[3]], T0 + 20, create=False
+    )
+    clock.now = T0 + 60
+    samples = list(await source.sample())
+    assert pin_counts(samples, "orders-proxy")["prepared_statement"] == 4.0
+    assert pin_counts(samples, "orders-proxy")["session_settings"] == 3.0
+    assert fault_proxy.calls["GetMetricData"] == 2
+    assert values(samples)[("pgpressure_cloudwatch_metrics_requested_total", ())] == 2 * 30
+    assert fault_proxy.calls["FilterLogEvents"] == 5
+    assert fault_proxy.calls["DescribeDBProxies"] == 1
+    assert len([r for r in caplog.records if "log group missing" in r.getMessage()]) == 1
+
+    status = source.status()
+    text = json.dumps(status)
+    assert SECRET not in text and KEY_ID not in text
+    names = [p["name"] for p in status["proxies"]]
+    assert names == ["orders-proxy", "billing-proxy", "idle-proxy"]
+    orders = status["proxies"][0]
+    assert orders["target_groups"][0]["targets"][0]["id"] == "orders-db"
+    assert orders["cloudwatch_targets"] == [{"target_group": "default", "target": "orders-db"}]
+    assert status["proxies"][2]["logs"] == "log group missing"
+    assert status["last_poll"]["get_metric_data_calls"] == 1
+
+
+async def test_renders_as_prometheus_text(aws, fault_proxy) -> None:
+    build_world(aws)
+    source = make_source(fault_proxy.url, Clock(T0))
+    store = Store()
+    await SourceRunner(source, store).run_once()
+    text = Renderer(store).render().decode()
+    assert (
+        'rds_proxy_database_connections{proxy="orders-proxy",target="orders-db",'
+        'target_group="default"} 6.0'
+    ) in text
+    assert 'rds_proxy_pinning_events_total{proxy="orders-proxy",reason="sequence"} 2.0' in text
+    assert "pgpressure_cloudwatch_metrics_requested_total 30.0" in text
+    assert 'pgpressure_source_up{source="rds_proxy",target=""} 1.0' in text
+
+
+async def test_configured_proxies_skip_rds_discovery(aws, fault_proxy) -> None:
+    build_world(aws)
+    source = make_source(fault_proxy.url, Clock(T0), proxies=["orders-proxy"])
+    samples = list(await source.sample())
+    assert fault_proxy.calls["DescribeDBProxies"] == 0
+    assert fault_proxy.calls["DescribeDBProxyTargets"] == 0
+    assert gauges(samples, ("orders-proxy", "", ""))["rds_proxy_database_connections"] == 7.0
+    assert values(samples)[("pgpressure_cloudwatch_metrics_requested_total", ())] == 14
+
+
+async def test_more_than_500_queries_are_split_into_calls_of_500(aws, fault_proxy) -> None:
+    names = [f"proxy-{i:02d}" for i in range(70)]  # 70 x 8 = 560 metric queries
+    source = make_source(fault_proxy.url, Clock(T0), proxies=names, logs=False)
+    samples = list(await source.sample())
+    assert fault_proxy.calls["GetMetricData"] == 2
+    assert values(samples)[("pgpressure_cloudwatch_metrics_requested_total", ())] == 560
+    assert fault_proxy.calls["FilterLogEvents"] == 0
+
+
+FAULTS = {
+    "throttled": (
+        "GetMetricData",
+        400,
+        THROTTLED,
+        {**JSON10, "x-amzn-query-error": "Throttling;Sender"},
+        "Throttling",
+    ),
+    "server error": (
+        "GetMetricData",
+        500,
+        "<html>Internal Server Error</html>",
+        {"Content-Type": "text/html"},
+        "500",
+    ),
+    "malformed body": ("GetMetricData", 200, "{not json at all", JSON10, "MalformedResponse"),
+    "logs throttled": (
+        "FilterLogEvents",
+        400,
+        json.dumps({"__type": "ThrottlingException", "message": "Rate exceeded"}),
+        JSON11,
+        "ThrottlingException",
+    ),
+    "discovery 503": (
+        "DescribeDBProxies",
+        503,
+        "<ErrorResponse><Error><Code>ServiceUnavailable</Code><Message>Service "
+        "unavailable</Message></Error></ErrorResponse>",
+        {"Content-Type": "text/xml"},
+        "ServiceUnavailable",
+    ),
+}
+
+
+@pytest.mark.parametrize("fault", sorted(FAULTS))
+async def test_faults_back_off_and_keep_the_last_values(aws, fault_proxy, fault) -> None:
+    build_world(aws)
+    clock = Clock(T0)
+    # discovery every poll, so the DescribeDBProxies fault is hit on the second poll too
+    source = make_source(
+        fault_proxy.url, clock, **({"discovery_interval": 1} if fault == "discovery 503" else {})
+    )
+    store = Store()
+    runner = SourceRunner(source, store)
+    await runner.run_once()
+    health = store.health(runner.key)
+    assert health.up
+    before = dict(store.snapshots())[runner.key].samples
+
+    operation, status, body, headers, code = FAULTS[fault]
+    fault_proxy.inject(operation, status, body, headers)
+    _put_logs(aws["logs"], "orders-proxy", [ORDERS_LINES[0]], T0 + 10, create=False)
+    clock.now = T0 + 60
+    await runner.run_once()  # must not raise
+    assert not health.up and health.errors_total == 1
+    assert code in health.last_error and operation in health.last_error
+    assert SECRET not in health.last_error
+    assert health.next_attempt > time.monotonic()  # backing off
+    assert dict(store.snapshots())[runner.key].samples == before  # last values kept
+
+    await runner.run_once()  # inside the backoff: not attempted
+    assert runner.attempts == 2
+
+    health.next_attempt = 0.0  # time passes
+    clock.now = T0 + 120
+    await runner.run_once()
+    assert health.up and health.errors_total == 1
+    after = dict(store.snapshots())[runner.key].samples
+    # the line written during the outage is counted exactly once
+    assert pin_counts(after, "orders-proxy")["session_settings"] == 4.0
+    # two minutes on, the window has moved past the datapoint that was too fresh at first
+    assert gauges(after, ("orders-proxy", "", ""))["rds_proxy_database_connections"] == 999.0
+
+
+async def test_expired_credentials_rebuild_the_clients(aws, fault_proxy) -> None:
+    build_world(aws)
+    source = make_source(fault_proxy.url, Clock(T0))
+    await source.sample()
+    fault_proxy.inject(
+        "GetMetricData",
+        400,
+        json.dumps(
+            {
+                "__type": "ExpiredTokenException",
+                "message": "The security token included in the request is expired",
+            }
+        ),
+        JSON10,
+    )
+    with pytest.raises(AwsApiError) as raised:
+        await source.sample()
+    assert raised.value.code == "ExpiredTokenException"
+    assert source._clients._clients == {}  # rebuilt from the credential chain next time
+    await source.sample()
+
+
+async def test_assumes_the_configured_role_once(aws, fault_proxy) -> None:
+    build_world(aws)
+    config = AwsConfig(
+        region=REGION,
+        endpoint_url=fault_proxy.url,
+        access_key_id=KEY_ID,
+        secret_access_key=SECRET,
+        role_arn="arn:aws:iam::123456789012:role/pgpressure-reader",
+        rds_proxy={"enabled": True, "delay": DELAY},
+    )
+    source = RdsProxySource(config, clock=Clock(T0), log_call_spacing=0)
+    for _ in range(2):
+        samples = list(await source.sample())
+    assert fault_proxy.calls["AssumeRole"] == 1
+    assert gauges(samples, ("orders-proxy", "", ""))["rds_proxy_database_connections"] == 7.0
+    assert source.status()["assume_role"] is True
+
+
+async def test_log_reading_is_bounded_per_poll(aws, fault_proxy) -> None:
+    build_world(aws)
+    many = [ORDERS_LINES[3]] * 30
+    _put_logs(aws["logs"], "billing-proxy", many, T0 - 20, create=False)
+    clock = Clock(T0)
+    source = make_source(
+        fault_proxy.url, clock, max_log_events_per_poll=12, proxies=["billing-proxy"]
+    )
+    polls = []
+    for i in range(4):
+        clock.now = T0 + 60 * i
+        polls.append(pin_counts(list(await source.sample()), "billing-proxy")["prepared_statement"])
+    assert polls[0] <= 12  # never more than the bound in one poll...
+    assert polls[-1] == 30  # ...and the backlog is caught up without double counting
+    assert polls == sorted(polls)
