@@ -21,11 +21,12 @@ import requests
 from moto.server import ThreadedMotoServer
 
 from exporter import metrics as m
+from exporter.aws import AwsApiError
 from exporter.config import AwsConfig
 from exporter.pinning import REASONS
 from exporter.render import Renderer
 from exporter.runner import SourceRunner
-from exporter.sources.rds_proxy import AwsApiError, RdsProxySource
+from exporter.sources.rds_proxy import RdsProxySource
 from exporter.store import Store
 
 SECRET = "pgpressure-test-secret-0123456789"
@@ -567,7 +568,7 @@ async def test_expired_credentials_rebuild_the_clients(aws, fault_proxy) -> None
     with pytest.raises(AwsApiError) as raised:
         await source.sample()
     assert raised.value.code == "ExpiredTokenException"
-    assert source._clients._clients == {}  # rebuilt from the credential chain next time
+    assert not source._clients.built()  # rebuilt from the credential chain next time
     await source.sample()
 
 

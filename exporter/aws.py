@@ -1,0 +1,160 @@
+"""boto3 plumbing for the AWS sources: clients, credentials, errors and paging.
+
+Credentials come from the standard chain (environment, shared files, container or instance
+role) unless keys are configured, optionally exchanged for an assumed role that is renewed
+ten minutes before it expires. botocore's own retries are off: a source makes one attempt
+per poll and the runner backs off, which keeps API cost predictable and failures visible.
+Every failure becomes an `AwsApiError` that names the operation and AWS's error code and
+never carries credentials.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import boto3
+from botocore.config import Config as BotoConfig
+from botocore.exceptions import BotoCoreError, ClientError
+
+from exporter import __version__
+from exporter.config import AwsConfig
+from exporter.secrets import redact
+
+#: Error codes after which the clients are rebuilt, so refreshed credentials are picked up.
+EXPIRED = frozenset(
+    {
+        "ExpiredToken",
+        "ExpiredTokenException",
+        "RequestExpired",
+        "InvalidClientTokenId",
+        "UnrecognizedClientException",
+    }
+)
+THROTTLED = frozenset(
+    {
+        "Throttling",
+        "ThrottlingException",
+        "ThrottledException",
+        "RequestLimitExceeded",
+        "TooManyRequestsException",
+        "LimitExceededException",
+    }
+)
+
+
+class AwsApiError(RuntimeError):
+    """One failed AWS call, phrased for the log: operation, error code, HTTP status."""
+
+    def __init__(self, operation: str, code: str, status: int | None, message: str) -> None:
+        self.operation, self.code, self.status = operation, code, status
+        where = f" (HTTP {status})" if status else ""
+        super().__init__(redact(f"{operation} failed: {code}{where}: {message}".strip()))
+
+
+def api_error(operation: str, exc: Exception) -> AwsApiError:
+    if isinstance(exc, ClientError):
+        err = exc.response.get("Error", {})
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        return AwsApiError(
+            operation, err.get("Code") or "Unknown", status, err.get("Message") or ""
+        )
+    return AwsApiError(operation, type(exc).__name__, None, str(exc))
+
+
+def operation_name(method: str) -> str:
+    """boto3 method name -> API operation name, e.g. describe_db_proxies -> DescribeDBProxies."""
+    return "".join(part.capitalize() for part in method.split("_")).replace("Db", "DB")
+
+
+class Clients:
+    """boto3 clients for one region; thread-safe, rebuilt on `reset()` or role renewal."""
+
+    SERVICES = ("cloudwatch", "logs", "rds")
+
+    def __init__(self, config: AwsConfig, clock: Callable[[], float]) -> None:
+        self.config = config
+        self.clock = clock
+        self._lock = threading.Lock()
+        self._clients: dict[str, Any] = {}
+        self._role_expires = 0.0
+        self.botocore_config = BotoConfig(
+            region_name=config.region,
+            retries={"total_max_attempts": 1, "mode": "standard"},
+            connect_timeout=5,
+            read_timeout=20,
+            user_agent_extra=f"pgpressure/{__version__}",
+        )
+
+    def _session(self) -> boto3.session.Session:
+        session = boto3.session.Session(
+            aws_access_key_id=self.config.access_key_id,
+            aws_secret_access_key=self.config.secret_access_key,
+            region_name=self.config.region,
+        )
+        if not self.config.role_arn:
+            return session
+        try:
+            sts = session.client(
+                "sts", endpoint_url=self.config.endpoint_url, config=self.botocore_config
+            )
+            creds = sts.assume_role(RoleArn=self.config.role_arn, RoleSessionName="pgpressure")[
+                "Credentials"
+            ]
+        except (ClientError, BotoCoreError) as exc:
+            raise api_error("AssumeRole", exc) from None
+        self._role_expires = creds["Expiration"].timestamp()
+        return boto3.session.Session(
+            aws_access_key_id=creds["AccessKeyId"],
+            aws_secret_access_key=creds["SecretAccessKey"],
+            aws_session_token=creds["SessionToken"],
+            region_name=self.config.region,
+        )
+
+    def get(self, service: str) -> Any:
+        with self._lock:
+            renew = self.config.role_arn and self._role_expires - self.clock() < 600
+            if renew:
+                self._clients.clear()
+            if not self._clients:
+                session = self._session()
+                for name in self.SERVICES:
+                    self._clients[name] = session.client(
+                        name,
+                        endpoint_url=self.config.endpoint_url,
+                        config=self.botocore_config,
+                    )
+            return self._clients[service]
+
+    def built(self) -> bool:
+        return bool(self._clients)
+
+    def reset(self) -> None:
+        with self._lock:
+            self._clients.clear()
+
+    def call(self, service: str, method: str, expect: str, **kwargs: Any) -> dict:
+        """One API call. `expect` is a key every well-formed answer has: botocore turns an
+        unparseable 200 answer into a dict without it, which must not read as "no data"."""
+        try:
+            page = getattr(self.get(service), method)(**kwargs)
+        except (ClientError, BotoCoreError) as exc:
+            raise api_error(operation_name(method), exc) from None
+        if not isinstance(page, dict) or expect not in page:
+            raise AwsApiError(
+                operation_name(method), "MalformedResponse", None, f"the answer has no {expect}"
+            )
+        return page
+
+    def pages(
+        self, service: str, method: str, expect: str, token_in: str, token_out: str, **kwargs: Any
+    ) -> Iterator[dict]:
+        """Follow a paginated API; bounded so a misbehaving endpoint cannot loop forever."""
+        for _ in range(100):
+            page = self.call(service, method, expect, **kwargs)
+            yield page
+            token = page.get(token_out)
+            if not token:
+                return
+            kwargs[token_in] = token

@@ -1,0 +1,187 @@
+"""Pinning reasons from RDS Proxy's CloudWatch Logs, read incrementally and bounded.
+
+The proxy writes one line per pin to `/aws/rds/proxy/<proxy>` when enhanced logging is on.
+Each poll asks `FilterLogEvents` only for lines containing "was pinned" since the previous
+poll, classifies each reason (`exporter.pinning.log_reason`) and adds it to
+`rds_proxy_pinning_events_total{proxy,reason}`.
+
+- **Incremental and exact**: the cursor moves only after a read succeeded in full, and the
+  read starts `OVERLAP_MS` before the cursor (lines can be ingested late) with event IDs
+  deduplicated, so a line is counted once even across failures and retries.
+- **Bounded**: at most `max_log_events_per_poll` new lines per poll over all proxies; a
+  backlog continues on the next poll from where it stopped, and the proxy read first rotates
+  so one busy proxy cannot starve the rest. Calls are spaced to stay under the 5 requests/s
+  FilterLogEvents quota.
+- **Setup states are not errors**: a missing log group (enhanced logging never turned on) or
+  missing permission is logged once per proxy and checked again every `retry_after` seconds;
+  throttling, 5xx and credential errors raise so the runner backs off.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from exporter import pinning
+from exporter.aws import AwsApiError, Clients
+from exporter.logs import kv
+
+log = logging.getLogger("pgpressure.rds_proxy")
+
+OVERLAP_MS = 120_000
+CALL_SPACING = 0.25  # FilterLogEvents: 5 requests/s per account and region
+MAX_SEEN_EVENT_IDS = 50_000
+_SETUP_ERRORS = {
+    "ResourceNotFoundException": "log group missing",
+    "AccessDeniedException": "access denied",
+}
+_HINTS = {
+    "log group missing": "turn on enhanced logging for the proxy to see pinning reasons",
+    "access denied": "grant logs:FilterLogEvents on the proxy's log group",
+}
+
+
+def log_group(proxy: str) -> str:
+    return f"/aws/rds/proxy/{proxy}"
+
+
+@dataclass
+class _State:
+    cursor_ms: int
+    seen: dict[str, int] = field(default_factory=dict)  # eventId -> timestamp
+    readable: bool = False  # read successfully at least once
+    problem: str = ""  # a setup state from _SETUP_ERRORS
+    retry_at: float = 0.0
+
+
+class PinningLogs:
+    """Cumulative pinning line counts per (proxy, reason)."""
+
+    def __init__(
+        self,
+        clients: Clients,
+        clock: Callable[[], float],
+        *,
+        first_lookback: float,
+        max_events_per_poll: int,
+        retry_after: float,
+        call_spacing: float = CALL_SPACING,
+    ) -> None:
+        self.clients = clients
+        self.clock = clock
+        self.first_lookback = first_lookback
+        self.max_events_per_poll = max_events_per_poll
+        self.retry_after = retry_after
+        self.call_spacing = call_spacing
+        self.counts: dict[tuple[str, str], float] = {}
+        self._states: dict[str, _State] = {}
+        self._rotation = 0
+
+    def state_of(self, proxy: str) -> str:
+        state = self._states.get(proxy)
+        if state is None:
+            return "not read yet"
+        return state.problem or ("reading" if state.readable else "not read yet")
+
+    def forget_except(self, proxies: set[str]) -> None:
+        for name in list(self._states):
+            if name not in proxies:
+                del self._states[name]
+
+    def read(self, proxies: list[str]) -> None:
+        budget = self.max_events_per_poll
+        if proxies:
+            self._rotation = (self._rotation + 1) % len(proxies)
+            proxies = proxies[self._rotation :] + proxies[: self._rotation]
+        called = False
+        for proxy in proxies:
+            if budget <= 0:
+                break
+            if self._due(proxy):
+                if called and self.call_spacing:
+                    time.sleep(self.call_spacing)
+                called = True
+                budget -= self._read_one(proxy, budget)
+
+    def _due(self, proxy: str) -> bool:
+        state = self._states.get(proxy)
+        return state is None or not state.problem or self.clock() >= state.retry_at
+
+    def _read_one(self, proxy: str, budget: int) -> int:
+        now = self.clock()
+        now_ms = int(now * 1000)
+        state = self._states.get(proxy)
+        if state is None:
+            start = now_ms - int(self.first_lookback * 1000)
+            state = self._states[proxy] = _State(cursor_ms=start)
+        read, newest, truncated = 0, state.cursor_ms, False
+        counts: dict[str, int] = {}
+        seen = dict(state.seen)
+        pages = self.clients.pages(
+            "logs",
+            "filter_log_events",
+            "events",
+            "nextToken",
+            "nextToken",
+            logGroupName=log_group(proxy),
+            startTime=max(0, state.cursor_ms - OVERLAP_MS),
+            endTime=now_ms,
+            filterPattern=f'"{pinning.PIN_MARKER}"',
+            interleaved=True,
+            limit=min(10_000, budget),
+        )
+        try:
+            for page in pages:
+                for event in page["events"]:
+                    event_id = str(event.get("eventId", ""))
+                    if event_id in seen:
+                        continue
+                    stamp = int(event.get("timestamp", 0))
+                    seen[event_id] = stamp
+                    read += 1
+                    newest = max(newest, stamp)
+                    reason = pinning.log_reason(str(event.get("message", "")))
+                    if reason is not None:
+                        counts[reason] = counts.get(reason, 0) + 1
+                if read >= budget and page.get("nextToken"):
+                    truncated = True
+                    break
+        except AwsApiError as exc:
+            problem = _SETUP_ERRORS.get(exc.code)
+            if problem is None:
+                raise  # throttling, 5xx, credentials: the runner backs off
+            if problem != state.problem:
+                log.warning(
+                    f"rds proxy pinning logs unavailable: {problem}; {_HINTS[problem]}",
+                    extra=kv(proxy=proxy, log_group=log_group(proxy)),
+                )
+            state.problem, state.retry_at = problem, now + self.retry_after
+            return 0
+        self._commit(proxy, state, counts, seen, newest if truncated else now_ms)
+        if truncated:
+            log.info(
+                "rds proxy pinning log backlog; continuing next poll",
+                extra=kv(proxy=proxy, events=read),
+            )
+        return read
+
+    def _commit(
+        self,
+        proxy: str,
+        state: _State,
+        counts: dict[str, int],
+        seen: dict[str, int],
+        cursor_ms: int,
+    ) -> None:
+        """Only after the whole read succeeded, so a failure never double counts."""
+        if state.problem:
+            log.info("rds proxy pinning logs readable", extra=kv(proxy=proxy))
+        state.problem, state.readable, state.cursor_ms = "", True, cursor_ms
+        for reason in pinning.REASONS:  # every reason exported, 0 until seen
+            key = (proxy, reason)
+            self.counts[key] = self.counts.get(key, 0.0) + counts.get(reason, 0)
+        horizon = cursor_ms - OVERLAP_MS
+        kept = sorted((v, k) for k, v in seen.items() if v >= horizon)[-MAX_SEEN_EVENT_IDS:]
+        state.seen = {k: v for v, k in kept}
