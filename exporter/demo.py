@@ -1,0 +1,573 @@
+"""`pgpressure demo`: a throwaway PostgreSQL, a small instrumented workload, and the daemon.
+
+Everything runs in this one process and under one temporary directory, which Ctrl-C (or
+`--duration`) removes:
+
+- PostgreSQL from the system's binaries (`exporter.pgcluster.Cluster`), with a deliberately
+  small `work_mem` (64kB) so sorts and hashes spill to temporary files, and a `pgpressure`
+  role that has only `pg_monitor`, as in production. Without system binaries the optional
+  `pgserver` package (a pip-installable PostgreSQL) is tried; it has no pg_stat_statements
+  preloaded, so the statement metrics stay empty there.
+- A SQLAlchemy workload, instrumented with `exporter.instrument` when that is available,
+  cycling through phases: CPU load, lock waits (a row held `FOR UPDATE`), temp spills and
+  pool pressure (more threads than the pool has connections, a short `pool_timeout`). Each
+  phase is light (at most a couple of busy sessions) so a 2-core laptop stays usable.
+- With `moto[server]` installed, a local AWS emulator with one RDS Proxy, synthetic
+  CloudWatch datapoints and pinning log lines, polled by the rds_proxy source.
+- The daemon itself, in the main thread's event loop; it handles SIGINT/SIGTERM.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import logging
+import os
+import random
+import shutil
+import socket
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from exporter.logs import kv
+
+log = logging.getLogger("pgpressure.demo")
+
+PHASES = ("cpu", "spill", "locks", "pool")
+PHASE_SECONDS = 20.0  # long enough to tell phases apart on a dashboard; shorter with --duration
+PROXY = "demo-proxy"
+WORK_MEM = "64kB"
+# The emulator accepts any keys; these are registered as secrets by the config like real ones.
+FAKE_KEY_ID = "AKIAPGPRESSUREDEMO00"
+FAKE_SECRET = "pgpressure-demo-fake-secret-key"
+
+
+def _say(line: str = "") -> None:
+    print(line, flush=True)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _public_host(host: str) -> str:
+    return "localhost" if host in ("", "0.0.0.0", "::") else host
+
+
+# --- PostgreSQL ------------------------------------------------------------------------------
+class _Database:
+    """The throwaway server: system binaries first, the `pgserver` package as a fallback."""
+
+    def __init__(self, base: Path) -> None:
+        from exporter.pgcluster import Cluster, ClusterError
+
+        self.statements = True
+        self._pgserver: Any = None
+        try:
+            self.cluster: Any = Cluster(
+                base=base / "pg",
+                settings={"work_mem": f"'{WORK_MEM}'", "max_connections": "100"},
+            )
+        except ClusterError as exc:
+            if importlib.util.find_spec("pgserver") is None:
+                raise ClusterError(
+                    f"{exc}; or install the optional fallback: pip install pgserver"
+                ) from None
+            self.cluster = None
+            self.statements = False
+            self._base = base / "pgserver"
+
+    def start(self) -> None:
+        if self.cluster is not None:
+            self.cluster.init().start()
+            self.cluster.wait_ready()
+            return
+        import pgserver  # optional extra: a PostgreSQL build shipped as a wheel
+
+        self._pgserver = pgserver.get_server(str(self._base), cleanup_mode="delete")
+        self._pgserver.psql(f"ALTER SYSTEM SET work_mem = '{WORK_MEM}'; SELECT pg_reload_conf()")
+
+    def psql(self, sql: str, dbname: str = "postgres") -> None:
+        if self.cluster is not None:
+            self.cluster.psql(sql, dbname=dbname)
+        else:
+            self._pgserver.psql(sql if dbname == "postgres" else f"\\c {dbname}\n{sql}")
+
+    def url(self, user: str, dbname: str, driver: str = "postgresql") -> str:
+        if self.cluster is not None:
+            dsn = self.cluster.dsn(user=user, dbname=dbname)
+        else:
+            dsn = self._pgserver.get_uri(dbname).replace("postgres@", f"{user}@", 1)
+        return dsn.replace("postgresql://", f"{driver}://", 1)
+
+    def destroy(self) -> None:
+        if self.cluster is not None:
+            self.cluster.destroy()
+        elif self._pgserver is not None:
+            with contextlib.suppress(Exception):
+                self._pgserver.cleanup()
+
+
+_SCHEMA = """
+CREATE TABLE accounts (id int PRIMARY KEY, balance bigint NOT NULL);
+INSERT INTO accounts SELECT g, 1000 FROM generate_series(1, 10) g;
+CREATE TABLE orders (id bigserial PRIMARY KEY, account int NOT NULL, amount int NOT NULL,
+                     note text NOT NULL);
+INSERT INTO orders (account, amount, note)
+  SELECT 1 + g % 10, g % 997, md5(g::text) FROM generate_series(1, 40000) g;
+ANALYZE;
+"""
+
+
+def _setup_database(db: _Database) -> None:
+    db.psql("CREATE ROLE pgpressure LOGIN; GRANT pg_monitor TO pgpressure")
+    db.psql("CREATE ROLE shop LOGIN")
+    db.psql("CREATE DATABASE shop OWNER shop")
+    if db.statements:
+        db.psql("CREATE EXTENSION IF NOT EXISTS pg_stat_statements", dbname="shop")
+    db.psql("SET ROLE shop;" + _SCHEMA, dbname="shop")
+
+
+# --- the workload ------------------------------------------------------------------------------
+class Workload:
+    """Threads that run one phase at a time; every phase also keeps a trickle of OLTP."""
+
+    def __init__(
+        self,
+        url: str,
+        endpoint: str | None,
+        stop: threading.Event,
+        phase_seconds: float = PHASE_SECONDS,
+    ) -> None:
+        from sqlalchemy import create_engine
+
+        self.stop = stop
+        self.phase_seconds = phase_seconds
+        self.phase = PHASES[0]
+        self.errors = 0
+        connect_args = {
+            "application_name": "shop",
+            "options": "-c lock_timeout=4s -c statement_timeout=10s",
+        }
+        # Small on purpose: 3 + 2 connections and a 0.5 s pool timeout make the pool phase
+        # wait and occasionally raise "QueuePool limit ... connection timed out".
+        self.engine = create_engine(
+            url,
+            pool_size=3,
+            max_overflow=2,
+            pool_timeout=0.5,
+            pool_pre_ping=False,
+            connect_args=connect_args,
+        )
+        self.instrumented = False
+        if endpoint is not None:
+            from exporter.instrument import instrument
+
+            instrument(self.engine, app="shop", endpoint=endpoint, interval=1)
+            self.instrumented = True
+        self.threads: list[threading.Thread] = []
+
+    # each worker: (phase it runs in or None for always, function)
+    def start(self) -> None:
+        workers: list[tuple[str | None, Callable[[], None]]] = [
+            (None, self._oltp),
+            ("cpu", self._cpu),
+            ("cpu", self._cpu),
+            ("locks", self._lock_holder),
+            ("locks", self._lock_waiter),
+            ("locks", self._lock_waiter),
+            ("spill", self._spill),
+            *[("pool", self._pool_user) for _ in range(8)],
+        ]
+        self.threads.append(threading.Thread(target=self._cycle, name="demo-phases", daemon=True))
+        for i, (phase, fn) in enumerate(workers):
+            self.threads.append(
+                threading.Thread(
+                    target=self._loop, args=(phase, fn), name=f"demo-{phase}-{i}", daemon=True
+                )
+            )
+        for t in self.threads:
+            t.start()
+
+    def join(self, timeout: float = 12.0) -> None:
+        deadline = time.monotonic() + timeout
+        for t in self.threads:
+            t.join(max(0.0, deadline - time.monotonic()))
+        self.engine.dispose()
+
+    def _cycle(self) -> None:
+        i = 0
+        while not self.stop.wait(self.phase_seconds):
+            i += 1
+            self.phase = PHASES[i % len(PHASES)]
+            log.info("demo phase", extra=kv(phase=self.phase))
+
+    def _loop(self, phase: str | None, fn: Callable[[], None]) -> None:
+        from sqlalchemy.exc import SQLAlchemyError
+
+        while not self.stop.is_set():
+            if phase is not None and self.phase != phase:
+                self.stop.wait(0.2)
+                continue
+            try:
+                fn()
+            except SQLAlchemyError:
+                # lock_timeout, pool timeouts, shutdown: expected here, and what we want to see
+                self.errors += 1
+                self.stop.wait(0.1)
+
+    def _run(self, sql: str, **params: Any) -> None:
+        from sqlalchemy import text
+
+        with self.engine.connect() as conn:
+            conn.execute(text(sql), params)
+            conn.commit()
+
+    # -- phases --
+    def _oltp(self) -> None:
+        from sqlalchemy import text
+
+        with self.engine.begin() as conn:
+            account = random.randint(1, 10)
+            conn.execute(
+                text("INSERT INTO orders (account, amount, note) VALUES (:a, :m, 'demo')"),
+                {"a": account, "m": random.randint(1, 500)},
+            )
+            conn.execute(
+                text("SELECT count(*), sum(amount) FROM orders WHERE account = :a AND id > :i"),
+                {"a": account, "i": random.randint(1, 39000)},
+            )
+        self.stop.wait(0.2)
+
+    def _cpu(self) -> None:
+        # The set-returning function in the select list runs value-per-call: CPU, no temp file.
+        self._run("SELECT sum(x) FROM (SELECT sqrt(generate_series(1, 1500000)) AS x) s")
+        self.stop.wait(0.05)
+
+    def _lock_holder(self) -> None:
+        from sqlalchemy import text
+
+        with self.engine.begin() as conn:
+            conn.execute(text("SELECT balance FROM accounts WHERE id = 1 FOR UPDATE"))
+            self.stop.wait(2.5)  # idle in transaction while holding the row lock
+        self.stop.wait(0.2)
+
+    def _lock_waiter(self) -> None:
+        self._run("UPDATE accounts SET balance = balance + 1 WHERE id = 1")
+        self.stop.wait(0.1)
+
+    def _spill(self) -> None:
+        # Sorting ~40k rows with 64kB of work_mem writes temporary files.
+        self._run("SELECT account, note FROM orders ORDER BY note DESC LIMIT 5")
+        self._run("SELECT count(DISTINCT note) FROM orders")
+        self.stop.wait(0.3)
+
+    def _pool_user(self) -> None:
+        self._run("SELECT pg_sleep(0.4)")
+        self.stop.wait(0.05)
+
+
+# --- the AWS emulator ------------------------------------------------------------------------
+class AwsEmulator:
+    """moto's server with one RDS Proxy, CloudWatch datapoints and pinning log lines."""
+
+    REGION = "us-east-1"
+
+    def __init__(self, stop: threading.Event) -> None:
+        from moto.server import ThreadedMotoServer
+
+        logging.getLogger("werkzeug").setLevel(logging.ERROR)
+        self.stop = stop
+        self.port = _free_port()
+        self.server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.thread: threading.Thread | None = None
+
+    def _client(self, service: str) -> Any:
+        import boto3
+
+        return boto3.client(
+            service,
+            endpoint_url=self.url,
+            region_name=self.REGION,
+            aws_access_key_id=FAKE_KEY_ID,
+            aws_secret_access_key=FAKE_SECRET,
+        )
+
+    def start(self) -> None:
+        self.server.start()
+        ec2 = self._client("ec2")
+        vpc = ec2.create_vpc(CidrBlock="10.0.0.0/16")["Vpc"]["VpcId"]
+        subnets = [
+            ec2.create_subnet(VpcId=vpc, CidrBlock=f"10.0.{i}.0/24", AvailabilityZone=f"{az}")[
+                "Subnet"
+            ]["SubnetId"]
+            for i, az in ((1, "us-east-1a"), (2, "us-east-1b"))
+        ]
+        self._client("rds").create_db_proxy(
+            DBProxyName=PROXY,
+            EngineFamily="POSTGRESQL",
+            Auth=[
+                {
+                    "AuthScheme": "SECRETS",
+                    "SecretArn": "arn:aws:secretsmanager:us-east-1:123456789012:secret:demo",
+                    "IAMAuth": "DISABLED",
+                }
+            ],
+            RoleArn="arn:aws:iam::123456789012:role/demo-proxy",
+            VpcSubnetIds=subnets,
+        )
+        self.logs = self._client("logs")
+        self.group = f"/aws/rds/proxy/{PROXY}"
+        self.logs.create_log_group(logGroupName=self.group)
+        self.logs.create_log_stream(logGroupName=self.group, logStreamName="demo")
+        self.cloudwatch = self._client("cloudwatch")
+        self._fed: set[int] = set()
+        self._feed()
+        self.thread = threading.Thread(target=self._run, name="demo-aws", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while not self.stop.wait(3.0):
+            with contextlib.suppress(Exception):
+                self._feed()
+
+    def _feed(self) -> None:
+        """One datapoint per metric for each of the last five whole minutes not fed yet (the
+        source reads a delayed window of 60 s periods), and two pinning log lines now."""
+        base = int(time.time() // 60 * 60)
+        data = []
+        for k in range(1, 6):
+            minute = base - 60 * k
+            if minute in self._fed:
+                continue
+            self._fed.add(minute)
+            stamp = datetime.fromtimestamp(minute, UTC)
+            connections = random.randint(18, 24)
+            values = {
+                "DatabaseConnections": connections,
+                "DatabaseConnectionsCurrentlySessionPinned": random.randint(8, connections),
+                "DatabaseConnectionsCurrentlyBorrowed": random.randint(4, 12),
+                "DatabaseConnectionsCurrentlyInTransaction": random.randint(1, 6),
+                "MaxDatabaseConnectionsAllowed": 90,
+                "ClientConnections": random.randint(40, 60),
+                "DatabaseConnectionsBorrowLatency": random.randint(800, 30_000),  # microseconds
+                "QueryDatabaseResponseLatency": random.randint(2_000, 9_000),
+            }
+            for name, value in values.items():
+                data.append(
+                    {
+                        "MetricName": name,
+                        "Dimensions": [{"Name": "ProxyName", "Value": PROXY}],
+                        "Timestamp": stamp,
+                        "Value": float(value),
+                    }
+                )
+        for offset in range(0, len(data), 20):
+            batch = data[offset : offset + 20]
+            self.cloudwatch.put_metric_data(Namespace="AWS/RDS", MetricData=batch)
+        now_ms = int(time.time() * 1000)
+        lines = random.sample(_PIN_LINES, 2)
+        self.logs.put_log_events(
+            logGroupName=self.group,
+            logStreamName="demo",
+            logEvents=[{"timestamp": now_ms, "message": line} for line in lines],
+        )
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.server.stop()
+
+
+_PIN = (
+    "[WARN] [proxyEndpoint=default] [clientConnection={c}] The client session was pinned to "
+    "the database connection [dbConnection={d}] for the remainder of the session. The proxy "
+    "can't reuse this connection until the session ends. Reason: {reason}"
+)
+_PIN_LINES = [
+    _PIN.format(c=101, d=9001, reason="A parse message was detected."),
+    _PIN.format(
+        c=102,
+        d=9002,
+        reason="SQL changed session settings that the proxy doesn't track. Consider moving "
+        "session configuration to the proxy's initialization query. "
+        'Digest: "set search_path to $1".',
+    ),
+    _PIN.format(c=103, d=9003, reason="A temporary table was created."),
+    _PIN.format(c=104, d=9004, reason="The session acquired an advisory lock."),
+]
+
+
+# --- wiring ------------------------------------------------------------------------------------
+def _config_yaml(target_dsn: str, vcpus: int, ingest: bool, aws_url: str | None) -> str:
+    aws = ""
+    if aws_url is not None:
+        aws = f"""
+aws:
+  region: {AwsEmulator.REGION}
+  endpoint_url: {aws_url}
+  access_key_id: {FAKE_KEY_ID}
+  secret_access_key: {FAKE_SECRET}
+  rds_proxy:
+    enabled: true
+    interval: 5s
+    delay: 1s
+    discovery_interval: 60s
+"""
+    return f"""
+databases:
+  - name: demo
+    dsn: {target_dsn}
+    vcpus: {vcpus}
+    activity: {{interval: 1s}}
+    statements: {{enabled: true, top_n: 20, interval: 5s}}
+ingest:
+  enabled: {"true" if ingest else "false"}
+  stale_after: 15s
+{aws}"""
+
+
+def _available(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:
+        return False
+
+
+def run_demo(listen_address: str, duration: float | None) -> int:
+    import asyncio
+
+    from exporter.config import ConfigError, parse
+    from exporter.daemon import Daemon, parse_listen_address
+    from exporter.pgcluster import ClusterError
+
+    try:
+        host, port = parse_listen_address(listen_address)
+    except ValueError as exc:
+        print(f"pgpressure: {exc}", file=sys.stderr)
+        return 1
+    missing = [m for m in ("sqlalchemy", "psycopg") if not _available(m)]
+    if missing:
+        print(
+            f"pgpressure demo: needs {', '.join(missing)}: pip install 'pgpressure[demo]'",
+            file=sys.stderr,
+        )
+        return 1
+
+    workdir = Path(tempfile.mkdtemp(prefix="pgpressure-demo-"))
+    os.chmod(workdir, 0o755)  # PostgreSQL runs as `postgres` when we are root
+    stop = threading.Event()
+    db: _Database | None = None
+    workload: Workload | None = None
+    aws: AwsEmulator | None = None
+    _say(f"pgpressure demo: temporary data in {workdir}")
+    try:
+        _say("starting a throwaway PostgreSQL ...")
+        db = _Database(workdir)
+        db.start()
+        _setup_database(db)
+
+        ingest = _available("exporter.instrument") and _available("exporter.sources.apps")
+        if _available("moto"):
+            _say("starting the AWS emulator (moto) with RDS Proxy 'demo-proxy' ...")
+            aws = AwsEmulator(stop)
+            aws.start()
+        else:
+            _say(
+                "AWS emulator not installed (pip install 'moto[server]'): "
+                "skipping the RDS Proxy part."
+            )
+
+        config = parse(
+            _config_yaml(
+                db.url("pgpressure", "shop"),
+                os.cpu_count() or 2,
+                ingest,
+                aws.url if aws else None,
+            ),
+            "<demo config>",
+        )
+        daemon = Daemon(config, f"{host}:{port}")
+        shown = _public_host(host)
+        base = f"http://{shown}:{port}"
+        endpoint = f"http://{'127.0.0.1' if shown == 'localhost' else shown}:{port}"
+
+        async def main() -> None:
+            nonlocal workload
+            loop = asyncio.get_running_loop()
+            serving = loop.create_task(daemon.run())
+            await asyncio.sleep(0.3)
+            if serving.done():
+                serving.result()  # e.g. the port is taken: raise now
+            # With --duration, every phase gets its turn within it.
+            phase_seconds = PHASE_SECONDS if duration is None else duration / len(PHASES)
+            workload = Workload(
+                db.url("shop", "shop", "postgresql+psycopg"),
+                endpoint if ingest else None,
+                stop,
+                max(3.0, min(PHASE_SECONDS, phase_seconds)),
+            )
+            workload.start()
+            _banner(base, db, workload, aws, duration)
+            if duration is not None:
+                loop.call_later(duration, daemon.stop)
+            await serving
+
+        try:
+            asyncio.run(main())
+        except OSError as exc:
+            print(f"pgpressure: cannot listen on {listen_address}: {exc}", file=sys.stderr)
+            return 1
+        return 0
+    except (ClusterError, ConfigError) as exc:
+        print(f"pgpressure demo: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        _say("stopping the demo ...")
+        stop.set()
+        if workload is not None:
+            workload.join()
+        if aws is not None:
+            aws.close()
+        if db is not None:
+            db.destroy()
+        shutil.rmtree(workdir, ignore_errors=True)
+        _say(f"removed {workdir}")
+
+
+def _banner(
+    base: str, db: _Database, workload: Workload, aws: AwsEmulator | None, duration: float | None
+) -> None:
+    lines = [
+        "",
+        "pgpressure demo is running.",
+        f"  landing page   {base}/",
+        f"  metrics        {base}/metrics",
+        f"  pinning risk   {base}/api/v1/pinning-risk",
+        f"  database       {db.url('shop', 'shop')}   (work_mem {WORK_MEM})",
+    ]
+    if aws is not None:
+        lines.append(f"  AWS emulator   {aws.url}   (RDS Proxy '{PROXY}')")
+    if not workload.instrumented:
+        lines.append("  (in-app instrumentation not available: no pool metrics)")
+    lines += [
+        "",
+        f"The workload cycles {' -> '.join(PHASES)}, {workload.phase_seconds:g} s each. Try:",
+        f"  curl -s {base}/metrics | grep -E "
+        "'^(pg_active_session_seconds_total|pg_temp_bytes_total|sqlalchemy_pool_)'",
+        "  PromQL: sum by (wait_event_type) (rate(pg_active_session_seconds_total[1m]))",
+        "Point a Prometheus at it (README: 'Prometheus scrape config') and import dashboards/.",
+        f"Stops after {duration:g} s." if duration is not None else "Ctrl-C stops everything.",
+        "",
+    ]
+    _say("\n".join(lines))
