@@ -121,12 +121,18 @@ def main(argv: list[str] | None = None) -> int:
 
     ssl_context, middlewares = None, []
     if args.web_config_file:
-        from exporter.webconfig import WebConfigError, load_web_config
+        from exporter.webconfig import WebConfigError, has_basic_auth, load_web_config
 
         try:
             ssl_context, middlewares = load_web_config(args.web_config_file)
         except WebConfigError as exc:
             return _fail(str(exc))
+        ingest = config.ingest
+        if has_basic_auth(middlewares) and ingest.enabled and not ingest.bearer_token():
+            log.warning(
+                "basic_auth_users do not cover the ingest endpoint POST /api/v1/reports, "
+                "which has its own bearer token: set ingest.token"
+            )
 
     from exporter.daemon import Daemon, parse_listen_address
 
