@@ -410,12 +410,12 @@ def overview() -> dict:
             timeseries(
                 "RDS Proxy pinned ratio",
                 "Share of each proxy's database connections pinned to one client session "
-                "(recording rule job_proxy:rds_proxy_database_connections_pinned:ratio_max). "
+                "(recording rule job_proxy:rds_proxy_database_connections_pinned:ratio). "
                 "Pinned connections are not multiplexed; above 50% is alerted on.",
                 "percentunit",
                 [
                     Q(
-                        f"job_proxy:rds_proxy_database_connections_pinned:ratio_max{{{PROXY}}}",
+                        f"job_proxy:rds_proxy_database_connections_pinned:ratio{{{PROXY}}}",
                         "{{proxy}}",
                     )
                 ],
@@ -859,12 +859,12 @@ def rds_proxy() -> dict:
             ),
             timeseries(
                 "Pinned ratio",
-                "Pinned / database connections, worst dimension per proxy (recording rule). "
+                "Pinned / database connections of the whole proxy (recording rule). "
                 "Above 50% for 15m fires RDSProxySessionPinningHigh.",
                 "percentunit",
                 [
                     Q(
-                        f"job_proxy:rds_proxy_database_connections_pinned:ratio_max{{{PROXY}}}",
+                        f"job_proxy:rds_proxy_database_connections_pinned:ratio{{{PROXY}}}",
                         "{{proxy}}",
                     )
                 ],
