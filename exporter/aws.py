@@ -132,6 +132,10 @@ class Clients:
 
     def reset(self) -> None:
         with self._lock:
+            for client in self._clients.values():
+                close = getattr(client, "close", None)
+                if close is not None:
+                    close()  # release the connection pool of the clients we drop
             self._clients.clear()
 
     def call(self, service: str, method: str, expect: str, **kwargs: Any) -> dict:

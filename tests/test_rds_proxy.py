@@ -605,3 +605,12 @@ async def test_log_reading_is_bounded_per_poll(aws, fault_proxy) -> None:
     assert polls[0] <= 12  # never more than the bound in one poll...
     assert polls[-1] == 30  # ...and the backlog is caught up without double counting
     assert polls == sorted(polls)
+
+
+async def test_close_releases_clients_and_a_new_poll_rebuilds_them(aws, fault_proxy) -> None:
+    build_world(aws)
+    source = make_source(fault_proxy.url, Clock(T0))
+    await source.sample()
+    await source.close()
+    assert not source._clients.built()
+    assert list(await source.sample())

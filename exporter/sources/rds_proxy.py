@@ -132,6 +132,9 @@ class RdsProxySource(Source):
     async def sample(self) -> Iterable[Sample]:
         return await asyncio.to_thread(self._poll)
 
+    async def close(self) -> None:
+        await asyncio.to_thread(self._clients.reset)
+
     def status(self) -> dict[str, object]:
         endpoint = self.config.endpoint_url
         return {
