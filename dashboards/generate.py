@@ -419,7 +419,7 @@ def overview() -> dict:
                         "{{proxy}}",
                     )
                 ],
-                w=8,
+                w=6,
             ),
             timeseries(
                 "RDS Proxy borrow latency",
@@ -434,25 +434,36 @@ def overview() -> dict:
                         "{{proxy}}",
                     )
                 ],
-                w=8,
+                w=6,
             ),
             table(
-                "Sources and firing alerts",
-                "pgpressure's sources (1 = last run succeeded) and the pgpressure alerts "
-                "firing now. A failing source means its panels and alerts are stale.",
+                "Firing pgpressure alerts",
+                "The pgpressure alerts firing now, with the pool, database or proxy they are "
+                "about; Value is the number of firing instances. Each alert's runbook_url "
+                "(docs/runbooks.md) says what to do.",
                 "short",
                 [
                     Q(
-                        'sum by (alertname, severity) (ALERTS{alertstate="firing", '
+                        "count by (alertname, severity, app, pool, target, datname, proxy) "
+                        '(ALERTS{alertstate="firing", job=~"$job", '
                         'alertname=~"SQLAlchemy.*|Postgres.*|RDSProxy.*|PgPressure.*"})',
                         instant=True,
-                    ),
+                    )
+                ],
+                w=6,
+            ),
+            table(
+                "Source health",
+                "pgpressure's sources per target: 1 = the last run succeeded, 0 = it failed "
+                "(its panels and alerts are stale; see the daemon's log).",
+                "short",
+                [
                     Q(
                         'min by (source, target) (pgpressure_source_up{job=~"$job"})',
                         instant=True,
-                    ),
+                    )
                 ],
-                w=8,
+                w=6,
             ),
         ],
     )

@@ -72,7 +72,7 @@ def test_dashboard_structure(path) -> None:
         assert panel["targets"], f"{title}: no query"
         for target in panel["targets"]:
             assert target["datasource"]["uid"] == "${datasource}", title
-            assert 'job=~"$job"' in target["expr"] or "ALERTS" in target["expr"], (
+            assert 'job=~"$job"' in target["expr"], (
                 f"{title}: query ignores the job variable: {target['expr']}"
             )
         pos = panel["gridPos"]
