@@ -88,3 +88,26 @@ def cap_keys(
     out = dict(ranked[:cap])
     out[other_key] = out.get(other_key, 0.0) + sum(v for _, v in ranked[cap:])
     return out
+
+
+class LabelCap:
+    """Admit the first `cap` distinct values of a label, map later ones to `other`.
+
+    Used for datname, whose values are few and stable: admission order keeps every series
+    stable, which matters more here than following the busiest database.
+    """
+
+    def __init__(self, cap: int) -> None:
+        self.cap = cap
+        self._admitted: set[str] = set()
+
+    def __call__(self, value: str) -> str:
+        if value in self._admitted:
+            return value
+        if len(self._admitted) < self.cap:
+            self._admitted.add(value)
+            return value
+        return OTHER
+
+    def seen(self) -> set[str]:
+        return set(self._admitted)

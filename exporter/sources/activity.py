@@ -14,7 +14,7 @@ from collections import defaultdict
 from collections.abc import Iterable
 
 from exporter import metrics as m
-from exporter.cardinality import CappedCounters
+from exporter.cardinality import CappedCounters, LabelCap
 from exporter.config import DatabaseConfig
 from exporter.metrics import Sample
 from exporter.pg import TargetConnection
@@ -50,29 +50,6 @@ STATES = (
     "fastpath function call",
     "disabled",
 )
-
-
-class LabelCap:
-    """Admit the first `cap` distinct values of a label, map later ones to `other`.
-
-    Used for datname, whose values are few and stable: admission order keeps every series
-    stable, which matters more here than following the busiest database.
-    """
-
-    def __init__(self, cap: int) -> None:
-        self.cap = cap
-        self._admitted: set[str] = set()
-
-    def __call__(self, value: str) -> str:
-        if value in self._admitted:
-            return value
-        if len(self._admitted) < self.cap:
-            self._admitted.add(value)
-            return value
-        return "other"
-
-    def seen(self) -> set[str]:
-        return set(self._admitted)
 
 
 class ActivitySource(Source):

@@ -13,12 +13,11 @@ import logging
 from collections.abc import Iterable
 
 from exporter import metrics as m
-from exporter.cardinality import CappedCounters
+from exporter.cardinality import CappedCounters, LabelCap
 from exporter.config import DatabaseConfig
 from exporter.logs import kv
 from exporter.metrics import Sample
 from exporter.pg import TargetConnection
-from exporter.sources.activity import LabelCap
 from exporter.sources.base import Source
 from exporter.sources.pinning_risk import PinningRisk
 

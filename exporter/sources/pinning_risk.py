@@ -31,8 +31,8 @@ from typing import Any
 
 from exporter import metrics as m
 from exporter import pinning
+from exporter.cardinality import LabelCap
 from exporter.metrics import Sample
-from exporter.sources.activity import LabelCap
 
 Fetch = Callable[..., Awaitable[Sequence[Any]]]
 
