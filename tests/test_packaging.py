@@ -334,9 +334,8 @@ ingest: {{enabled: {str(ingest).lower()}}}
                 flush()
                 engine.dispose()
             # One active session, so the load families have a series too.
-            threading.Thread(
-                target=pg.psql, args=("SELECT pg_sleep(3)", fresh_db), daemon=True
-            ).start()
+            sleeper = threading.Thread(target=pg.psql, args=("SELECT pg_sleep(2)", fresh_db))
+            sleeper.start()
             wanted = [
                 "pg_activity_samples_total",
                 "pg_active_session_seconds_total",
@@ -349,6 +348,7 @@ ingest: {{enabled: {str(ingest).lower()}}}
                 wanted.append("rds_proxy_pinning_events_total")
             daemon.wait_for(lambda: all(w in daemon.metrics_text() for w in wanted), 20)
             text_ = daemon.metrics_text()
+            sleeper.join()
     finally:
         stop.set()
         if aws is not None:
