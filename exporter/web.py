@@ -74,39 +74,87 @@ def _ago(ts: float | None) -> str:
 
 
 async def landing(request: web.Request) -> web.Response:
+    """Version, each configured target with its sources' state, app processes, links.
+
+    Never shows a secret: DSNs are reduced to host:port/dbname, and every string that reaches
+    the page goes through `secrets.redact` and HTML escaping.
+    """
+    from urllib.parse import urlsplit
+
+    from exporter.secrets import redact
+
     daemon = request.app[DAEMON]
-    esc = html.escape
-    rows = []
-    for source in daemon.status()["sources"]:
+
+    def esc(value: object) -> str:
+        return html.escape(redact(str(value)))
+
+    def detail(value: object) -> str:
+        if isinstance(value, list):
+            names = [str(v.get("name")) for v in value if isinstance(v, dict) and "name" in v]
+            return ", ".join(names) if names else str(len(value))
+        if isinstance(value, dict):
+            return ", ".join(f"{k}={v}" for k, v in value.items() if not isinstance(v, list | dict))
+        return "-" if value is None else str(value)
+
+    def source_row(source: dict) -> str:
         state = "up" if source["up"] else ("failing" if source["attempts"] else "starting")
-        error = f"<br><small>{esc(source['last_error'])}</small>" if source["last_error"] else ""
-        extra = ", ".join(f"{esc(str(k))}: {esc(str(v))}" for k, v in source["status"].items())
-        rows.append(
-            f'<tr class="{state}"><td>{esc(source["source"])}</td>'
-            f"<td>{esc(source['target'])}</td><td>{state}{error}</td>"
-            f"<td>{_ago(source['last_success'])}</td><td>{extra}</td></tr>"
+        error = source["last_error"]
+        error_html = f'<div class="error">{esc(error)}</div>' if error and not source["up"] else ""
+        extra = "; ".join(f"{esc(k)}: {esc(detail(v))}" for k, v in source["status"].items())
+        return (
+            f'<tr class="source {state}" data-source="{esc(source["source"])}" '
+            f'data-target="{esc(source["target"])}" data-state="{state}">'
+            f'<td>{esc(source["source"])}</td><td class="state">{state}{error_html}</td>'
+            f"<td>{esc(_ago(source['last_success']))}</td><td>{extra or '-'}</td></tr>"
         )
-    processes = daemon.apps.status().get("processes", 0) if daemon.apps else "ingest disabled"
+
+    header = "<tr><th>source</th><th>state</th><th>last success</th><th>details</th></tr>"
+    sources = daemon.status()["sources"]
+    sections = []
+    for db in daemon.config.databases:
+        parts = urlsplit(db.dsn)
+        where = f"{parts.hostname or 'localhost'}:{parts.port or 5432}{parts.path or ''}"
+        vcpus = f", {db.vcpus:g} vCPUs" if db.vcpus else ""
+        rows = "".join(source_row(s) for s in sources if s["target"] == db.name)
+        sections.append(
+            f'<h3 class="target" id="target-{esc(db.name)}">{esc(db.name)} '
+            f"<small>{esc(where)}{esc(vcpus)}</small></h3>\n"
+            f"<table>{header}{rows}</table>"
+        )
+    if not daemon.config.databases:
+        sections.append("<p>No PostgreSQL targets configured (<code>databases:</code>).</p>")
+    names = {db.name for db in daemon.config.databases}
+    others = "".join(source_row(s) for s in sources if s["target"] not in names)
+    if others:
+        sections.append(f"<h3>Daemon-wide sources</h3>\n<table>{header}{others}</table>")
+
+    if daemon.apps is None:
+        processes, apps_note = "-", " (ingest disabled)"
+    else:
+        processes, apps_note = daemon.apps.status().get("processes", 0), ""
     page = f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>pgpressure</title>
+<meta name="viewport" content="width=device-width, initial-scale=1">
 <style>
-body {{ font-family: system-ui, sans-serif; margin: 2em; color: #222 }}
-table {{ border-collapse: collapse }} td, th {{ border: 1px solid #ccc; padding: .3em .6em }}
-tr.up td:nth-child(3) {{ color: #186a1f }} tr.failing td:nth-child(3) {{ color: #b00020 }}
+body {{ font-family: system-ui, sans-serif; margin: 2em; color: #222; max-width: 70em }}
+table {{ border-collapse: collapse; margin-bottom: 1em }}
+td, th {{ border: 1px solid #ccc; padding: .3em .6em; text-align: left; vertical-align: top }}
+tr.up .state {{ color: #186a1f }} tr.failing .state {{ color: #b00020 }}
+tr.starting .state {{ color: #8a6d00 }} .error {{ font-size: .85em; color: #555 }}
+h3 small {{ font-weight: normal; color: #555 }}
 </style></head><body>
 <h1>pgpressure</h1>
 <p>Prometheus exporter for SQLAlchemy pools, PostgreSQL load and RDS Proxy pinning.
 Version <span id="version">{esc(__version__)}</span>.</p>
-<ul><li><a href="metrics">Metrics</a></li>
+<ul>
+<li><a href="metrics">Metrics</a> (Prometheus text; OpenMetrics when asked)</li>
 <li><a href="api/v1/pinning-risk">Statements that would pin RDS Proxy sessions</a></li>
-<li><a href="-/healthy">Health</a> · <a href="-/ready">Readiness</a></li></ul>
-<h2>Sources</h2>
-<table id="sources"><tr><th>source</th><th>target</th><th>state</th><th>last success</th>
-<th>details</th></tr>
-{"".join(rows)}
-</table>
+<li><a href="-/healthy">Health</a> · <a href="-/ready">Readiness</a></li>
+</ul>
+<h2>Targets</h2>
+{"".join(sections)}
 <h2>Applications</h2>
-<p>App processes reporting: <span id="processes">{esc(str(processes))}</span></p>
+<p>App processes reporting: <span id="processes">{esc(processes)}</span>{esc(apps_note)}</p>
 </body></html>
 """
     return web.Response(text=page, content_type="text/html")

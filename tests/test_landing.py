@@ -1,0 +1,86 @@
+"""The landing page `/`, rendered by a real browser (headless Chromium) from a running daemon."""
+
+from __future__ import annotations
+
+import html
+import os
+import shutil
+import subprocess
+import tempfile
+
+import pytest
+
+from exporter import __version__
+from tests.conftest import MONITOR_PASSWORD
+from tests.helpers import run_daemon
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+INGEST_TOKEN = "Ingest-canary-77c0d1"
+
+
+def dump_dom(url: str) -> str:
+    """The DOM after Chromium has parsed and laid out the page."""
+    profile = tempfile.mkdtemp(prefix="pgpressure-chromium-")
+    try:
+        args = [
+            CHROMIUM,
+            "--headless",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            f"--user-data-dir={profile}",
+            "--virtual-time-budget=2000",
+            "--dump-dom",
+            url,
+        ]
+        if os.geteuid() == 0:
+            args.insert(1, "--no-sandbox")
+        result = subprocess.run(args, capture_output=True, text=True, timeout=60)
+        assert result.returncode == 0, result.stderr[-2000:]
+        return result.stdout
+    finally:
+        shutil.rmtree(profile, ignore_errors=True)
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium not installed (apt-get install chromium)")
+def test_landing_page_renders_targets_sources_and_no_secrets(pg):
+    dsn = pg.dsn("monitor", password=MONITOR_PASSWORD)
+    broken = "postgresql://monitor:Broken-canary-0a9e@127.0.0.1:1/postgres"
+    config = f"""
+databases:
+  - name: main
+    dsn: {dsn}
+    vcpus: 2
+  - name: broken
+    dsn: {broken}
+    connect_timeout: 1s
+ingest:
+  enabled: false
+  token: {INGEST_TOKEN}
+"""
+    with run_daemon(config) as daemon:
+        daemon.wait_for(
+            lambda: 'data-target="broken" data-state="failing"' in daemon.get("/").text, 15
+        )
+        dom = dump_dom(daemon.url + "/")
+
+    assert "<h1>pgpressure</h1>" in dom
+    assert f'<span id="version">{html.escape(__version__)}</span>' in dom
+    # every configured target, with each of its sources and their state
+    for target in ("main", "broken"):
+        assert f'id="target-{target}"' in dom
+    for source in ("activity", "database"):
+        assert f'data-source="{source}" data-target="main" data-state="up"' in dom
+        assert f'data-source="{source}" data-target="broken" data-state="failing"' in dom
+    assert "s ago" in dom  # last success of the working target
+    assert "never" in dom  # ... and of the broken one
+    assert '<span id="processes">' in dom
+    assert 'href="metrics"' in dom
+    # no secrets, though both DSNs, a failing connection and the token are in play
+    for secret in (MONITOR_PASSWORD, "Broken-canary-0a9e", INGEST_TOKEN):
+        assert secret not in dom
+    assert "127.0.0.1" in dom  # the host is shown, only the credentials are not
+    assert "monitor@" not in dom and "monitor:" not in dom
