@@ -368,3 +368,21 @@ ingest: {{enabled: {str(ingest).lower()}}}
             extra_labels = set(sample.labels) - labels - {"le"}
             assert not extra_labels, f"{name}: undocumented labels {extra_labels}"
     assert not undocumented, f"exposed but not in docs/metrics.md: {undocumented}"
+
+
+# --- README ----------------------------------------------------------------------------------
+def test_readme_links_resolve_and_every_alert_is_explained():
+    readme = (ROOT / "README.md").read_text()
+    for target in re.findall(r"\]\(([^)#]+)(?:#[^)]*)?\)", readme):
+        if not target.startswith("http"):
+            assert (ROOT / target).exists(), target
+    runbooks = (ROOT / "docs" / "runbooks.md").read_text().lower()
+    for anchor in re.findall(r"\(docs/runbooks\.md#([^)]+)\)", readme):
+        assert f"## {anchor}" in runbooks, anchor
+    rules = yaml.safe_load((ROOT / "alerts" / "pgpressure.rules.yml").read_text())
+    alerts = {r["alert"] for g in rules["groups"] for r in g["rules"] if "alert" in r}
+    for alert in alerts:
+        assert f"| `{alert}` |" in readme, f"{alert} is not in the README's alert table"
+    for command in ("scripts/setup.sh && pgpressure demo", "scripts/setup.sh && scripts/test.sh"):
+        assert command in readme
+    assert CONFIG_PATH in readme
