@@ -1,0 +1,106 @@
+"""`instrument(engine, ...)`: the one call an application makes.
+
+Settings come from the arguments, then the PGPRESSURE_* environment variables, then
+defaults, so the same code runs unchanged in every environment. Instrumenting an engine twice
+returns the first handle: no second wrapper, no double counting.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+import threading
+import weakref
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+from exporter.instrument.pool import set_application_name, stats_of, time_statements, wrap_pool
+from exporter.instrument.reporter import PUSH_TIMEOUT, REPORTER, Registration
+from exporter.instrument.schema import MAX_NAME_LENGTH
+from exporter.instrument.stats import PoolStats
+
+DEFAULT_ENDPOINT = "http://127.0.0.1:9188"
+DEFAULT_INTERVAL = 5.0
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+_lock = threading.Lock()
+_instrumented: weakref.WeakKeyDictionary[Any, Instrumentation] = weakref.WeakKeyDictionary()
+
+
+@dataclass
+class Instrumentation:
+    """The handle `instrument()` returns; mostly useful to tests and to flush at shutdown."""
+
+    app: str
+    pool: str
+    endpoint: str
+    interval: float
+    stats: PoolStats
+
+    def snapshot(self) -> dict[str, Any]:
+        return self.stats.snapshot(self.pool)
+
+    def flush(self, timeout: float = PUSH_TIMEOUT) -> dict[str, int | None]:
+        return flush(timeout)
+
+
+def flush(timeout: float = PUSH_TIMEOUT) -> dict[str, int | None]:
+    """Push now (e.g. before a short-lived process exits); endpoint -> HTTP status or None."""
+    return REPORTER.push_all(timeout)
+
+
+def _name(value: str) -> str:
+    return _CONTROL.sub("", value).strip()[:MAX_NAME_LENGTH] or "default"
+
+
+def _default_app() -> str:
+    return os.path.basename(sys.argv[0] or "") or "python"
+
+
+def instrument(
+    engine: Any,
+    app: str | None = None,
+    pool: str | None = None,
+    endpoint: str | None = None,
+    token: str | None = None,
+    interval: float | None = None,
+    statements: bool = True,
+    application_name: bool | str = False,
+) -> Instrumentation:
+    """Instrument an `Engine` or `AsyncEngine` and start pushing its pool stats.
+
+    `statements=False` skips statement timing. `application_name=True` tags new connections
+    with the app name (or with the given string) unless the URL already sets one, so
+    pg_stat_activity can be joined to the app.
+    """
+    sync = getattr(engine, "sync_engine", engine)
+    with _lock:
+        existing = _instrumented.get(sync)
+        if existing is None:  # another Engine over the same pool (engine.execution_options())
+            existing = next(
+                (h for h in _instrumented.values() if h.stats is stats_of(sync.pool)), None
+            )
+        if existing is not None:
+            return existing
+        env = os.environ
+        app = _name(app or env.get("PGPRESSURE_APP") or _default_app())
+        endpoint = (endpoint or env.get("PGPRESSURE_ENDPOINT") or DEFAULT_ENDPOINT).strip()
+        if urlsplit(endpoint).scheme not in ("http", "https") or not urlsplit(endpoint).hostname:
+            raise ValueError(f"pgpressure endpoint must be an http(s) URL, got {endpoint!r}")
+        token = token or env.get("PGPRESSURE_TOKEN") or None
+        interval = float(interval or env.get("PGPRESSURE_INTERVAL") or DEFAULT_INTERVAL)
+        interval = min(max(interval, 0.1), 3600.0)
+        pool_name = _name(pool or getattr(sync.pool, "logging_name", None) or "default")
+
+        stats = PoolStats()
+        wrap_pool(sync.pool, stats)
+        if statements:
+            time_statements(sync, stats)
+        if application_name:
+            set_application_name(sync, app if application_name is True else str(application_name))
+        handle = Instrumentation(app, pool_name, endpoint, interval, stats)
+        _instrumented[sync] = handle
+    REPORTER.add(Registration(weakref.ref(sync), stats, app, pool_name, endpoint, token, interval))
+    return handle

@@ -1,0 +1,217 @@
+"""The background thread that pushes cumulative snapshots to the daemon.
+
+Requests never wait on it: the request path only touches in-memory numbers. A push has a
+short timeout, a failed push is dropped (the next snapshot carries the same cumulative
+totals), and nothing queues up while the daemon is away, so memory stays flat. After a fork
+(gunicorn --preload) the child zeroes its numbers, takes a new process id and starts its own
+thread; the parent keeps reporting its own totals under its own id.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import json
+import logging
+import os
+import socket
+import threading
+import time
+import weakref
+from dataclasses import dataclass, field
+from http.client import HTTPConnection, HTTPSConnection
+from typing import Any
+from urllib.parse import urlsplit
+
+from exporter.instrument.schema import MAX_POOLS_PER_REPORT, REPORTS_PATH, SCHEMA_VERSION
+from exporter.instrument.stats import PoolStats, merge_snapshots
+
+log = logging.getLogger("pgpressure.instrument")
+
+PUSH_TIMEOUT = 2.0
+EXIT_TIMEOUT = 1.0
+
+
+@dataclass
+class Registration:
+    engine_ref: weakref.ref[Any]
+    stats: PoolStats
+    app: str
+    pool: str
+    endpoint: str
+    token: str | None
+    interval: float
+
+    @property
+    def key(self) -> tuple[str, str | None, str, str]:
+        return (self.endpoint, self.token, self.app, self.pool)
+
+
+@dataclass
+class Identity:
+    host: str
+    pid: int
+    started: float
+    id: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.id = f"{self.host}:{self.pid}:{int(self.started * 1000)}"
+
+    @classmethod
+    def current(cls) -> Identity:
+        return cls(socket.gethostname(), os.getpid(), time.time())
+
+
+class Reporter:
+    def __init__(self) -> None:
+        self._init_state()
+        self.identity = Identity.current()
+
+    def _init_state(self) -> None:
+        self._lock = threading.Lock()  # guards the registration lists
+        self._push_lock = threading.Lock()  # one push at a time (thread, flush, atexit)
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._regs: list[Registration] = []
+        self._retired: dict[tuple[str, str | None, str, str], PoolStats] = {}
+        self._failing: set[str] = set()
+        self._seq = 0
+
+    # -- registrations ----------------------------------------------------------------------
+    def add(self, reg: Registration) -> None:
+        with self._lock:
+            self._regs.append(reg)
+        self._ensure_thread()
+
+    def interval(self) -> float:
+        with self._lock:
+            return min((r.interval for r in self._regs), default=5.0)
+
+    def _collect(self) -> dict[tuple[str, str | None, str], list[dict[str, Any]]]:
+        """Pool snapshots grouped per (endpoint, token, app); dead engines retire here."""
+        with self._lock:
+            alive = []
+            for reg in self._regs:
+                if reg.engine_ref() is None:
+                    retired = self._retired.setdefault(reg.key, PoolStats())
+                    with reg.stats.lock:
+                        retired.add_counters(reg.stats)
+                else:
+                    alive.append(reg)
+            self._regs = alive
+            parts = [(r.key, r.stats) for r in alive] + list(self._retired.items())
+        by_pool: dict[tuple[str, str | None, str, str], list[dict[str, Any]]] = {}
+        for key, stats in parts:
+            by_pool.setdefault(key, []).append(stats.snapshot(key[3]))
+        groups: dict[tuple[str, str | None, str], list[dict[str, Any]]] = {}
+        for (endpoint, token, app, _), docs in by_pool.items():
+            groups.setdefault((endpoint, token, app), []).append(merge_snapshots(docs))
+        return groups
+
+    # -- pushing ----------------------------------------------------------------------------
+    def push_all(self, timeout: float = PUSH_TIMEOUT) -> dict[str, int | None]:
+        """Push one snapshot per (endpoint, app); returns endpoint -> HTTP status (None: down)."""
+        results: dict[str, int | None] = {}
+        if not self._push_lock.acquire(timeout=timeout * 2):
+            return results
+        try:
+            for (endpoint, token, app), pools in self._collect().items():
+                self._seq += 1
+                doc = {
+                    "version": SCHEMA_VERSION,
+                    "app": app,
+                    "process": {
+                        "id": self.identity.id,
+                        "host": self.identity.host,
+                        "pid": self.identity.pid,
+                        "started": self.identity.started,
+                    },
+                    "seq": self._seq,
+                    "interval": self.interval(),
+                    "sent_at": time.time(),
+                    "pools": pools[:MAX_POOLS_PER_REPORT],
+                }
+                status = self._post(endpoint, token, json.dumps(doc).encode(), timeout)
+                results[endpoint] = status
+                self._note(endpoint, status)
+        finally:
+            self._push_lock.release()
+        return results
+
+    @staticmethod
+    def _post(endpoint: str, token: str | None, body: bytes, timeout: float) -> int | None:
+        parts = urlsplit(endpoint)
+        cls = HTTPSConnection if parts.scheme == "https" else HTTPConnection
+        headers = {"Content-Type": "application/json", "User-Agent": "pgpressure-instrument"}
+        if token:
+            headers["Authorization"] = f"Bearer {token}"
+        conn = cls(parts.hostname or "127.0.0.1", parts.port, timeout=timeout)
+        try:
+            conn.request("POST", parts.path.rstrip("/") + REPORTS_PATH, body, headers)
+            response = conn.getresponse()
+            response.read(65536)
+            return response.status
+        except (OSError, ValueError, Exception):
+            return None
+        finally:
+            conn.close()
+
+    def _note(self, endpoint: str, status: int | None) -> None:
+        """Log a change of state once, not every interval while the daemon is away."""
+        ok = status is not None and status < 300
+        if ok and endpoint in self._failing:
+            self._failing.discard(endpoint)
+            log.info("pgpressure: pushing to %s again", endpoint)
+        elif not ok and endpoint not in self._failing:
+            self._failing.add(endpoint)
+            why = "unreachable" if status is None else f"HTTP {status}"
+            log.warning(
+                "pgpressure: cannot push pool stats to %s (%s); will keep trying", endpoint, why
+            )
+
+    # -- the thread -------------------------------------------------------------------------
+    def _ensure_thread(self) -> None:
+        with self._lock:
+            if self._thread is not None and self._thread.is_alive():
+                return
+            self._thread = threading.Thread(
+                target=self._run, name="pgpressure-reporter", daemon=True
+            )
+            self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            self._wake.wait(self.interval())
+            self._wake.clear()
+            try:
+                self.push_all()
+            except Exception:  # never let the thread die; the next round tries again
+                log.debug("pgpressure: push round failed", exc_info=True)
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    # -- process lifecycle ------------------------------------------------------------------
+    def after_fork_in_child(self) -> None:
+        regs, retired = self._regs, self._retired
+        self._init_state()
+        self.identity = Identity.current()
+        for reg in regs:
+            reg.stats.reset()
+        self._regs = regs
+        # the parent's retired totals are the parent's to report
+        del retired
+        if self._regs:
+            with contextlib.suppress(Exception):
+                self._ensure_thread()
+
+    def at_exit(self) -> None:
+        """Last push so a worker's final counts reach the daemon before it folds them."""
+        if self._regs:
+            with contextlib.suppress(Exception):
+                self.push_all(timeout=EXIT_TIMEOUT)
+
+
+REPORTER = Reporter()
+os.register_at_fork(after_in_child=REPORTER.after_fork_in_child)
+atexit.register(REPORTER.at_exit)
