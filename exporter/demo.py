@@ -559,7 +559,9 @@ def _banner(
     if aws is not None:
         lines.append(f"  AWS emulator   {aws.url}   (RDS Proxy '{PROXY}')")
     if not workload.instrumented:
-        lines.append("  (in-app instrumentation not available: no pool metrics)")
+        lines.append(
+            "  (no pool metrics: exporter.instrument or the ingest aggregator is not installed)"
+        )
     lines += [
         "",
         f"The workload cycles {' -> '.join(PHASES)}, {workload.phase_seconds:g} s each. Try:",
