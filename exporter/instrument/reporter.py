@@ -109,7 +109,7 @@ class Reporter:
         return groups
 
     # -- pushing ----------------------------------------------------------------------------
-    def push_all(self, timeout: float = PUSH_TIMEOUT) -> dict[str, int | None]:
+    def push_all(self, timeout: float = PUSH_TIMEOUT, quiet: bool = False) -> dict[str, int | None]:
         """Push one snapshot per (endpoint, app); returns endpoint -> HTTP status (None: down)."""
         results: dict[str, int | None] = {}
         if not self._push_lock.acquire(timeout=timeout * 2):
@@ -133,7 +133,7 @@ class Reporter:
                 }
                 status = self._post(endpoint, token, json.dumps(doc).encode(), timeout)
                 results[endpoint] = status
-                self._note(endpoint, status)
+                self._note(endpoint, status, quiet)
         finally:
             self._push_lock.release()
         return results
@@ -156,8 +156,10 @@ class Reporter:
         finally:
             conn.close()
 
-    def _note(self, endpoint: str, status: int | None) -> None:
+    def _note(self, endpoint: str, status: int | None, quiet: bool = False) -> None:
         """Log a change of state once, not every interval while the daemon is away."""
+        if quiet:
+            return
         ok = status is not None and status < 300
         if ok and endpoint in self._failing:
             self._failing.discard(endpoint)
@@ -209,7 +211,7 @@ class Reporter:
         """Last push so a worker's final counts reach the daemon before it folds them."""
         if self._regs:
             with contextlib.suppress(Exception):
-                self.push_all(timeout=EXIT_TIMEOUT)
+                self.push_all(timeout=EXIT_TIMEOUT, quiet=True)
 
 
 REPORTER = Reporter()
