@@ -273,7 +273,8 @@ class AppsAggregator(Source):
             self._count("out_of_order")
             return {"status": "ignored", "reason": "out_of_order"}
         app = self.apps.get(report.app)
-        if app is None:
+        if app is None and len(self.apps) >= self.config.max_apps:
+            self._expire(now)
             self._make_room_for_app()
             if len(self.apps) >= self.config.max_apps:
                 raise Refused(
