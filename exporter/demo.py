@@ -34,6 +34,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 from exporter.logs import kv
 
@@ -92,6 +93,8 @@ class _Database:
             return
         import pgserver  # optional extra: a PostgreSQL build shipped as a wheel
 
+        logging.getLogger("pgserver").setLevel(logging.WARNING)  # it logs every command
+
         self._pgserver = pgserver.get_server(str(self._base), cleanup_mode="delete")
         self._pgserver.psql(f"ALTER SYSTEM SET work_mem = '{WORK_MEM}'; SELECT pg_reload_conf()")
 
@@ -105,7 +108,9 @@ class _Database:
         if self.cluster is not None:
             dsn = self.cluster.dsn(user=user, dbname=dbname)
         else:
-            dsn = self._pgserver.get_uri(dbname).replace("postgres@", f"{user}@", 1)
+            # postgresql://postgres:@/db?host=/socket/dir -> the same as `user`
+            parts = urlsplit(self._pgserver.get_uri(dbname))
+            dsn = urlunsplit(parts._replace(netloc=f"{user}@{parts.netloc.rpartition('@')[2]}"))
         return dsn.replace("postgresql://", f"{driver}://", 1)
 
     def destroy(self) -> None:
