@@ -9,8 +9,10 @@ import subprocess
 import tempfile
 
 import pytest
+from sqlalchemy import create_engine, text
 
 from exporter import __version__
+from exporter.instrument import flush, instrument
 from tests.conftest import MONITOR_PASSWORD
 from tests.helpers import run_daemon
 
@@ -58,10 +60,17 @@ databases:
     dsn: {broken}
     connect_timeout: 1s
 ingest:
-  enabled: false
+  enabled: true
   token: {INGEST_TOKEN}
 """
     with run_daemon(config) as daemon:
+        # one instrumented process reporting, with the bearer token
+        engine = create_engine(pg.dsn().replace("://", "+psycopg://", 1))
+        instrument(engine, app="landing", endpoint=daemon.url, token=INGEST_TOKEN, interval=0.5)
+        with engine.connect() as conn:
+            conn.execute(text("SELECT 1"))
+        assert set(flush().values()) == {200}
+        engine.dispose()
         daemon.wait_for(
             lambda: 'data-target="broken" data-state="failing"' in daemon.get("/").text, 15
         )
@@ -77,7 +86,7 @@ ingest:
         assert f'data-source="{source}" data-target="broken" data-state="failing"' in dom
     assert "s ago" in dom  # last success of the working target
     assert "never" in dom  # ... and of the broken one
-    assert '<span id="processes">' in dom
+    assert '<span id="processes">1</span>' in dom
     assert 'href="metrics"' in dom
     # no secrets, though both DSNs, a failing connection and the token are in play
     for secret in (MONITOR_PASSWORD, "Broken-canary-0a9e", INGEST_TOKEN):
