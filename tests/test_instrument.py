@@ -1,0 +1,349 @@
+"""The in-app side against a real PostgreSQL and a small report receiver (no daemon)."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import http.server
+import json
+import os
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.pool import NullPool, SingletonThreadPool, StaticPool
+
+from exporter.instrument import flush, instrument
+from exporter.instrument.reporter import REPORTER
+
+
+class Receiver:
+    """Collects pushed reports; `status` is what it answers, `delay` how long it stalls."""
+
+    def __init__(self) -> None:
+        self.reports: list[dict] = []
+        self.headers: list[dict] = []
+        self.status = 200
+        self.delay = 0.0
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                time.sleep(outer.delay)
+                outer.reports.append(json.loads(body))
+                outer.headers.append(dict(self.headers))
+                try:
+                    self.send_response(outer.status)
+                    self.send_header("Content-Length", "2")
+                    self.end_headers()
+                    self.wfile.write(b"{}")
+                except OSError:  # the client gave up waiting: what a stalled daemon causes
+                    pass
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_port}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+    def last(self, app: str, pid: int | None = None) -> dict | None:
+        for doc in reversed(self.reports):
+            if doc["app"] == app and (pid is None or doc["process"]["pid"] == pid):
+                return doc
+        return None
+
+    def pool(self, app: str, pool: str = "default") -> dict:
+        doc = self.last(app)
+        assert doc is not None, f"no report from {app}"
+        return next(p for p in doc["pools"] if p["pool"] == pool)
+
+    def wait_for(self, pred: Callable[[], object], timeout: float = 10.0) -> object:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                value = pred()
+            except (AssertionError, StopIteration, KeyError):
+                value = None
+            if value:
+                return value
+            time.sleep(0.05)
+        raise AssertionError("condition not met")
+
+
+def count(hist: dict) -> int:
+    return sum(hist["counts"])
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    r = Receiver()
+    yield r
+    r.close()
+
+
+def url(pg, driver: str = "psycopg") -> str:
+    return pg.dsn().replace("postgresql://", f"postgresql+{driver}://", 1)
+
+
+def app_name() -> str:
+    return "t-" + uuid.uuid4().hex[:8]
+
+
+def push(receiver: Receiver, app: str, pool: str = "default") -> dict:
+    flush()
+    return receiver.pool(app, pool)
+
+
+def test_queuepool_reports_everything(pg, receiver):
+    app = app_name()
+    engine = sa.create_engine(url(pg), pool_size=2, max_overflow=1, pool_timeout=0.3)
+    instrument(engine, app=app, endpoint=receiver.url, interval=60)
+    for _ in range(5):
+        with engine.connect() as conn:
+            conn.execute(sa.text("SELECT 1"))
+    held = [engine.connect() for _ in range(3)]
+    p = push(receiver, app)
+    assert (p["used"], p["idle"], p["pending"], p["size"], p["max"]) == (3, 0, 0, 2, 3)
+    waiter_errors = []
+
+    def waiter():
+        try:
+            engine.connect().close()
+        except sa.exc.TimeoutError as exc:
+            waiter_errors.append(exc)
+
+    t = threading.Thread(target=waiter)
+    t.start()
+    time.sleep(0.1)
+    assert push(receiver, app)["pending"] == 1
+    t.join()
+    for conn in held:
+        conn.close()
+    p = push(receiver, app)
+    assert len(waiter_errors) == 1
+    assert p["timeouts"] == 1 and p["pending"] == 0
+    assert p["checkouts"] == 8
+    assert count(p["wait"]) == 9  # the timed-out wait is a wait too
+    assert count(p["use"]) == 8
+    assert count(p["create"]) == 3
+    assert count(p["query"]) >= 5
+    assert p["closed"]["overflow"] == 1  # the third connection did not fit back
+    assert (p["used"], p["idle"]) == (0, 2)
+    doc = receiver.last(app)
+    assert doc["version"] == 1 and doc["process"]["pid"] == os.getpid()
+    assert doc["process"]["id"].split(":")[1] == str(os.getpid())
+    engine.dispose()
+
+
+def test_recycle_and_invalidation_are_classified(pg, receiver):
+    app = app_name()
+    engine = sa.create_engine(url(pg), pool_size=1, pool_recycle=0)
+    instrument(engine, app=app, endpoint=receiver.url, interval=60)
+    for _ in range(3):  # pool_recycle=0: every later checkout recycles the connection
+        with engine.connect() as conn:
+            conn.execute(sa.text("SELECT 1"))
+    engine2 = sa.create_engine(url(pg), pool_size=1)
+    app2 = app_name()
+    instrument(engine2, app=app2, endpoint=receiver.url, interval=60)
+    with engine2.connect() as conn:
+        conn.invalidate()
+    with engine2.connect() as conn:
+        conn.execute(sa.text("SELECT 1"))
+    flush()
+    assert receiver.pool(app)["closed"]["recycle"] >= 2  # the first one too, usually
+    assert receiver.pool(app2)["closed"]["invalidated"] == 1
+    assert receiver.pool(app2)["checkouts"] == 2
+    engine.dispose()
+    engine2.dispose()
+
+
+def test_wrapper_survives_dispose_and_instrumenting_twice_counts_once(pg, receiver):
+    app = app_name()
+    engine = sa.create_engine(url(pg))
+    first = instrument(engine, app=app, endpoint=receiver.url, interval=60)
+    assert instrument(engine, app="other", endpoint=receiver.url) is first
+    assert instrument(engine.execution_options(isolation_level="AUTOCOMMIT")) is first
+    with engine.connect() as conn:
+        conn.execute(sa.text("SELECT 1"))
+    engine.dispose()
+    engine.dispose()
+    for _ in range(2):
+        with engine.connect() as conn:
+            conn.execute(sa.text("SELECT 1"))
+    p = push(receiver, app)
+    assert p["checkouts"] == 3 and count(p["use"]) == 3
+    assert count(p["create"]) == 2  # one before and one after the disposes
+    assert p["closed"]["other"] == 1  # dispose closed the idle one
+    assert "Instrumented" in type(engine.pool).__name__
+    engine.dispose()
+
+
+@pytest.mark.parametrize("driver", ["psycopg", "psycopg2"])
+def test_engine_plugin_from_the_url(pg, receiver, driver):
+    app = app_name()
+    engine = sa.create_engine(
+        url(pg, driver) + f"?plugin=pgpressure&pgpressure_app={app}"
+        f"&pgpressure_endpoint={receiver.url}&pgpressure_interval=60"
+        "&pgpressure_pool=main&pgpressure_application_name=1"
+    )
+    assert "pgpressure" not in str(engine.url)  # never reaches the driver
+    with engine.connect() as conn:
+        name = conn.execute(sa.text("SELECT current_setting('application_name')")).scalar()
+    assert name == app
+    p = push(receiver, app, "main")
+    assert p["checkouts"] == 1
+    engine.dispose()
+
+
+def test_environment_supplies_the_defaults(pg, receiver, monkeypatch):
+    app = app_name()
+    monkeypatch.setenv("PGPRESSURE_APP", app)
+    monkeypatch.setenv("PGPRESSURE_ENDPOINT", receiver.url)
+    monkeypatch.setenv("PGPRESSURE_TOKEN", "tok-123")
+    monkeypatch.setenv("PGPRESSURE_INTERVAL", "60")
+    engine = sa.create_engine(url(pg))
+    handle = instrument(engine)
+    assert (handle.app, handle.endpoint, handle.interval) == (app, receiver.url, 60.0)
+    with engine.connect():
+        pass
+    push(receiver, app)
+    assert receiver.headers[-1]["Authorization"] == "Bearer tok-123"
+    engine.dispose()
+
+
+@pytest.mark.parametrize("poolclass", [NullPool, StaticPool])
+def test_other_pools_report_what_they_can(pg, receiver, poolclass):
+    app = app_name()
+    engine = sa.create_engine(url(pg), poolclass=poolclass)
+    instrument(engine, app=app, endpoint=receiver.url, interval=60)
+    for _ in range(3):
+        with engine.connect() as conn:
+            conn.execute(sa.text("SELECT 1"))
+    engine.dispose()
+    with engine.connect() as conn:
+        conn.execute(sa.text("SELECT 1"))
+    p = push(receiver, app)
+    assert p["checkouts"] == 4 and count(p["use"]) == 4 and count(p["query"]) >= 4
+    assert p["used"] == 0 and p["timeouts"] == 0
+    if poolclass is NullPool:
+        assert p["closed"]["other"] == 4 and count(p["create"]) == 4
+        assert (p["size"], p["max"]) == (0, None)
+    else:
+        assert (p["size"], p["max"]) == (1, 1)
+    engine.dispose()
+
+
+def test_singleton_thread_pool(receiver):
+    app = app_name()
+    engine = sa.create_engine("sqlite://", poolclass=SingletonThreadPool)
+    instrument(engine, app=app, endpoint=receiver.url, interval=60)
+    with engine.connect() as outer:  # nested checkouts of the same connection
+        outer.execute(sa.text("SELECT 1"))
+        with engine.connect() as inner:
+            inner.execute(sa.text("SELECT 1"))
+    p = push(receiver, app)
+    assert p["checkouts"] == 2 and p["used"] == 0 and count(p["query"]) == 2
+
+
+async def test_async_engine_with_asyncpg(pg, receiver):
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    app = app_name()
+    engine = create_async_engine(url(pg, "asyncpg"), pool_size=2, max_overflow=0, pool_timeout=0.3)
+    instrument(engine, app=app, endpoint=receiver.url, interval=60, application_name=True)
+
+    async def work():
+        async with engine.connect() as conn:
+            name = await conn.scalar(sa.text("SELECT current_setting('application_name')"))
+            await asyncio.sleep(0.2)
+            return name
+
+    results = await asyncio.gather(*(work() for _ in range(6)), return_exceptions=True)
+    timeouts = [r for r in results if isinstance(r, sa.exc.TimeoutError)]
+    assert timeouts and all(r == app for r in results if isinstance(r, str))
+    await asyncio.to_thread(flush)
+    p = receiver.pool(app)
+    assert p["kind"] == "AsyncAdaptedQueuePool"
+    assert p["timeouts"] == len(timeouts)
+    assert p["checkouts"] == 6 - len(timeouts)
+    await engine.dispose()
+
+
+def test_push_never_blocks_or_raises_into_the_app(pg, receiver):
+    app = app_name()
+    receiver.delay = 3.0  # a daemon that accepts the connection and then stalls
+    engine = sa.create_engine(url(pg))
+    instrument(engine, app=app, endpoint=receiver.url, interval=0.2)
+    t0 = time.monotonic()
+    for _ in range(20):
+        with engine.connect() as conn:
+            conn.execute(sa.text("SELECT 1"))
+        time.sleep(0.02)
+    assert time.monotonic() - t0 < 2.0
+    start = time.monotonic()
+    assert flush(timeout=0.3).get(receiver.url, "not tried") in ("not tried", None)
+    assert time.monotonic() - start < 1.5
+    dead = sa.create_engine(url(pg))
+    instrument(dead, app=app_name(), endpoint="http://127.0.0.1:9", interval=0.2)
+    with dead.connect():
+        pass
+    assert flush(timeout=0.5).get("http://127.0.0.1:9", "missing") is None
+    receiver.delay = 0.0
+    engine.dispose()
+    dead.dispose()
+
+
+def test_garbage_collected_engines_keep_their_totals_in_one_entry(pg, receiver):
+    app = app_name()
+    for _ in range(5):
+        engine = sa.create_engine(url(pg))
+        instrument(engine, app=app, endpoint=receiver.url, interval=60)
+        with engine.connect():
+            pass
+        engine.dispose()
+        del engine
+    gc.collect()
+    p = push(receiver, app)
+    assert p["checkouts"] == 5 and p["used"] == 0
+    assert sum(1 for r in REPORTER._regs if r.app == app) == 0
+    assert sum(1 for k in REPORTER._retired if k[2] == app) == 1
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_forked_child_starts_over_with_its_own_identity(pg, receiver):
+    app = app_name()
+    engine = sa.create_engine(url(pg))
+    instrument(engine, app=app, endpoint=receiver.url, interval=0.2)
+    with engine.connect():
+        pass
+    parent_id = REPORTER.identity.id
+    pid = os.fork()
+    if pid == 0:  # child: like a gunicorn worker after --preload
+        code = 1
+        try:
+            engine.dispose(close=False)
+            with engine.connect() as conn:
+                conn.execute(sa.text("SELECT 1"))
+            ok = REPORTER.identity.id != parent_id and REPORTER._thread.is_alive()
+            time.sleep(0.6)  # let the child's own thread push
+            code = 0 if ok else 2
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    child = receiver.wait_for(lambda: receiver.last(app, pid=pid))
+    assert child["process"]["id"] != parent_id
+    assert child["pools"][0]["checkouts"] == 1  # not the parent's count
+    assert push(receiver, app)["checkouts"] == 1
+    assert receiver.last(app, pid=os.getpid())["process"]["id"] == parent_id
+    engine.dispose()
