@@ -6,6 +6,7 @@ milliseconds while the database is down, which is when people look.
 
 from __future__ import annotations
 
+import asyncio
 import html
 import time
 from typing import TYPE_CHECKING
@@ -48,16 +49,58 @@ async def ready(request: web.Request) -> web.Response:
     return web.Response(status=503, text="pgpressure is starting: sources not tried yet.\n")
 
 
+INGEST_SLOT_WAIT = 2.0  # seconds a push may wait for a free ingest slot before a 503
+INGEST_READ_TIMEOUT = 10.0  # seconds a client gets to send a report body
+
+
+def _refused(status: int, reason: str, error: str, **headers: str) -> web.Response:
+    body = {"status": "refused", "reason": reason, "error": error}
+    return web.json_response(body, status=status, headers=headers or None)
+
+
+async def _read_body(request: web.Request, limit: int) -> bytes:
+    """The body, or its first limit + 1 bytes: `content.read(n)` returns what has arrived so
+    far, which for a report spread over several TCP segments is only a part of it."""
+    chunks: list[bytes] = []
+    size = 0
+    while size <= limit:
+        chunk = await request.content.read(limit + 1 - size)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size += len(chunk)
+    return b"".join(chunks)
+
+
 async def reports(request: web.Request) -> web.Response:
     daemon = request.app[DAEMON]
     apps = daemon.apps
     if apps is None:
         return web.json_response({"error": "ingest is disabled"}, status=404)
-    async with daemon.ingest_slots:
-        # Read at most one byte past the limit: enough for the aggregator to refuse an
-        # oversized report with 413 without ever holding it in memory.
-        body = await request.content.read(daemon.config.ingest.max_body_bytes + 1)
+    encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
+    if encoding not in ("", "identity"):
+        # Reports are small and sent uncompressed; inflating would let 1 MB on the wire
+        # become 1 GB of work on the event loop.
+        return _refused(415, "unsupported_encoding", "send reports without Content-Encoding")
+    # Bounded: at most max_concurrent_requests reports are read and aggregated at once, and
+    # a push waits a short while for a slot instead of queueing without limit.
+    slots = daemon.ingest_slots
+    try:
+        async with asyncio.timeout(INGEST_SLOT_WAIT):
+            await slots.acquire()
+    except TimeoutError:
+        return _refused(503, "busy", "too many concurrent reports; retry", **{"Retry-After": "5"})
+    try:
+        try:
+            async with asyncio.timeout(INGEST_READ_TIMEOUT):
+                # At most one byte past the limit: enough for the aggregator to refuse an
+                # oversized report with 413 without ever holding it in memory.
+                body = await _read_body(request, daemon.config.ingest.max_body_bytes)
+        except TimeoutError:
+            return _refused(408, "timeout", "the report body was not received in time")
         status, doc = await apps.handle_report(body, request.headers.get("Authorization"))
+    finally:
+        slots.release()
     return web.json_response(doc, status=status)
 
 
@@ -163,8 +206,16 @@ Version <span id="version">{esc(__version__)}</span>.</p>
 def build_app(daemon: Daemon, middlewares: list | None = None) -> web.Application:
     app = web.Application(
         middlewares=middlewares or [],
-        client_max_size=64 * 1024 * 1024,
-        handler_args={"max_field_size": 8190, "max_line_size": 8190},
+        # Bodies are only read by the ingest handler, with its own limit; nothing else may
+        # buffer more than a report.
+        client_max_size=daemon.config.ingest.max_body_bytes + 1,
+        handler_args={
+            "max_field_size": 8190,  # bytes per header line
+            "max_line_size": 8190,  # request line
+            "max_headers": 128,
+            "auto_decompress": False,  # see reports(): no inflating of request bodies
+            "keepalive_timeout": 75.0,  # idle keep-alive connections are not kept for an hour
+        },
     )
     app[DAEMON] = daemon
     app.router.add_get("/", landing)
