@@ -1,17 +1,22 @@
-"""Store -> Prometheus metric families, in the style of client_python custom collectors.
+"""Store -> Prometheus exposition, without knowing any metric name itself.
 
-`collect()` builds fresh families from the snapshots on every call; nothing here is a mutable
-global metric. Names come from the catalogue in `exporter.metrics`. The rendered bytes are
-cached per store version and format, so back-to-back scrapes cost a dictionary lookup.
+Names, types and HELP come from the catalogue in `exporter.metrics`. A scrape must stay fast
+with thousands of series, and a real Prometheus scrape always finds the store changed (the
+activity source publishes every second). So the text of each snapshot is rendered once, when
+the snapshot is first scraped, and kept while the snapshot lives; a scrape then only joins
+cached text under one HELP/TYPE header per family. Only the small snapshots that changed since
+the last scrape (activity, health) are formatted again.
+
+OpenMetrics, asked for far less often, goes through client_python's custom-collector path
+(`collect()` yields fresh families built from the store; no mutable global metrics).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 from prometheus_client import CollectorRegistry
-from prometheus_client import exposition as text_exposition
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -22,23 +27,89 @@ from prometheus_client.openmetrics import exposition as openmetrics_exposition
 
 from exporter import __version__
 from exporter import metrics as m
-from exporter.metrics import HistogramValue, MetricSpec
-from exporter.store import Store
+from exporter.metrics import HistogramValue, MetricSpec, Sample
+from exporter.store import Snapshot, Store
+
+Scope = tuple[tuple[str, str], ...]
 
 
-def _family(spec: MetricSpec, label_names: list[str]) -> Metric:
-    if spec.kind == "counter":
-        return CounterMetricFamily(spec.name.removesuffix("_total"), spec.help, labels=label_names)
-    if spec.kind == "histogram":
-        return HistogramMetricFamily(spec.name, spec.help, labels=label_names)
-    return GaugeMetricFamily(spec.name, spec.help, labels=label_names)
+def format_value(value: float) -> str:
+    if math.isinf(value):
+        return "+Inf" if value > 0 else "-Inf"
+    if math.isnan(value):
+        return "NaN"
+    return repr(float(value))
 
 
-def _le(bound: float) -> str:
-    return "+Inf" if math.isinf(bound) else repr(float(bound))
+def _escape_label(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def _escape_help(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("\n", "\\n")
+
+
+def _header(spec: MetricSpec) -> str:
+    kind = spec.kind
+    return f"# HELP {spec.name} {_escape_help(spec.help)}\n# TYPE {spec.name} {kind}\n"
+
+
+def _label_text(names: Iterable[str], values: Iterable[str]) -> str:
+    return ",".join(f'{n}="{_escape_label(v)}"' for n, v in zip(names, values, strict=True))
+
+
+def render_samples(samples: Iterable[Sample], scope: Scope) -> dict[str, str]:
+    """Text exposition lines of some samples, grouped by metric name (no headers).
+
+    Label names are sorted, as client_python does, so output is stable whatever the order
+    in which a source lists them.
+    """
+    scope_names = tuple(n for n, _ in scope)
+    scope_values = tuple(v for _, v in scope)
+    orders: dict[tuple[str, ...], tuple[tuple[str, ...], list[int]]] = {}
+    lines: dict[str, list[str]] = {}
+    for s in samples:
+        spec = s.spec
+        order = orders.get(spec.labels)
+        if order is None:
+            names = scope_names + spec.labels
+            perm = sorted(range(len(names)), key=names.__getitem__)
+            order = orders[spec.labels] = (tuple(names[i] for i in perm), perm)
+        values = scope_values + s.labels
+        labels = _label_text(order[0], [values[i] for i in order[1]])
+        out = lines.setdefault(spec.name, [])
+        value = s.value
+        if isinstance(value, HistogramValue):
+            sep = "," if labels else ""
+            for bound, count in value.buckets:
+                out.append(
+                    f'{spec.name}_bucket{{{labels}{sep}le="{format_value(bound)}"}} '
+                    f"{format_value(count)}\n"
+                )
+            braces = f"{{{labels}}}" if labels else ""
+            out.append(f"{spec.name}_sum{braces} {format_value(value.sum)}\n")
+            out.append(f"{spec.name}_count{braces} {format_value(value.count)}\n")
+        else:
+            braces = f"{{{labels}}}" if labels else ""
+            out.append(f"{spec.name}{braces} {format_value(value)}\n")
+    return {name: "".join(chunk) for name, chunk in lines.items()}
+
+
+def daemon_samples(store: Store) -> list[Sample]:
+    """The exporter's own series: build info and the health of every source."""
+    samples = [Sample(m.BUILD_INFO, (__version__,), 1.0)]
+    for key, h in store.healths():
+        samples.append(Sample(m.SOURCE_UP, key, 1.0 if h.up else 0.0))
+        samples.append(Sample(m.SOURCE_DURATION, key, h.last_duration))
+        samples.append(Sample(m.SOURCE_ERRORS, key, float(h.errors_total)))
+        if h.last_success is not None:
+            samples.append(Sample(m.SOURCE_LAST_SUCCESS, key, h.last_success))
+    return samples
 
 
 class StoreCollector:
+    """client_python custom collector over the store (used for OpenMetrics)."""
+
     def __init__(self, store: Store) -> None:
         self.store = store
 
@@ -46,62 +117,81 @@ class StoreCollector:
         return []  # unchecked collector: families depend on what the store holds
 
     def collect(self) -> Iterator[Metric]:
-        families: dict[tuple[str, tuple[str, ...]], Metric] = {}
+        families: dict[str, Metric] = {}
+        groups: list[tuple[Scope, Iterable[Sample]]] = [((), daemon_samples(self.store))]
+        groups += [(snap.scope, snap.samples) for _, snap in self.store.snapshots()]
+        for scope, samples in groups:
+            scope_names = [n for n, _ in scope]
+            scope_values = [v for _, v in scope]
+            for s in samples:
+                spec = s.spec
+                fam = families.get(spec.name)
+                if fam is None:
+                    fam = families[spec.name] = _family(spec)
+                labels = dict(zip(scope_names, scope_values, strict=True))
+                labels.update(zip(spec.labels, s.labels, strict=True))
+                _add(fam, spec, labels, s.value)
+        yield from families.values()
 
-        def add(
-            spec: MetricSpec,
-            scope_names: tuple[str, ...],
-            values: tuple[str, ...],
-            value: float | HistogramValue,
-        ) -> None:
-            names = (*scope_names, *spec.labels)
-            fam = families.get((spec.name, names))
-            if fam is None:
-                fam = families[(spec.name, names)] = _family(spec, list(names))
-            if isinstance(value, HistogramValue):
-                fam.add_metric(list(values), [(_le(b), c) for b, c in value.buckets], value.sum)
-            else:
-                fam.add_metric(list(values), value)
 
-        add(m.BUILD_INFO, (), (__version__,), 1.0)
-        for (source, target), h in self.store.healths():
-            key = (source, target)
-            add(m.SOURCE_UP, (), key, 1.0 if h.up else 0.0)
-            add(m.SOURCE_DURATION, (), key, h.last_duration)
-            add(m.SOURCE_ERRORS, (), key, float(h.errors_total))
-            if h.last_success is not None:
-                add(m.SOURCE_LAST_SUCCESS, (), key, h.last_success)
-        for _, snap in self.store.snapshots():
-            scope_names = tuple(n for n, _ in snap.scope)
-            scope_values = tuple(v for _, v in snap.scope)
-            for s in snap.samples:
-                add(s.spec, scope_names, (*scope_values, *s.labels), s.value)
-        # Prometheus needs one family per name: merge label sets that differ only in scope
-        # (e.g. a daemon-wide counter rendered beside a per-target one) by name.
-        merged: dict[str, Metric] = {}
-        for (name, _), fam in families.items():
-            if name in merged:
-                merged[name].samples.extend(fam.samples)
-            else:
-                merged[name] = fam
-        yield from merged.values()
+def _family(spec: MetricSpec) -> Metric:
+    if spec.kind == "counter":
+        return CounterMetricFamily(spec.name.removesuffix("_total"), spec.help)
+    if spec.kind == "histogram":
+        return HistogramMetricFamily(spec.name, spec.help)
+    return GaugeMetricFamily(spec.name, spec.help)
+
+
+def _add(
+    fam: Metric, spec: MetricSpec, labels: dict[str, str], value: float | HistogramValue
+) -> None:
+    name = spec.name
+    if isinstance(value, HistogramValue):
+        for bound, count in value.buckets:
+            fam.add_sample(f"{name}_bucket", {**labels, "le": format_value(bound)}, count)
+        fam.add_sample(f"{name}_count", labels, value.count)
+        fam.add_sample(f"{name}_sum", labels, value.sum)
+    else:
+        fam.add_sample(name, labels, value)
 
 
 class Renderer:
-    """Caches the exposition bytes per (store version, format)."""
-
     def __init__(self, store: Store) -> None:
         self.store = store
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(StoreCollector(store))
-        self._cache: dict[bool, tuple[int, bytes]] = {}
+        # id(snapshot) -> (snapshot, rendered text by name); the snapshot is kept in the
+        # tuple so its id cannot be reused while the entry exists.
+        self._by_snapshot: dict[int, tuple[Snapshot, dict[str, str]]] = {}
+        self._last: dict[bool, tuple[int, bytes]] = {}
 
     def render(self, openmetrics: bool = False) -> bytes:
         version = self.store.version
-        cached = self._cache.get(openmetrics)
-        if cached and cached[0] == version:
-            return cached[1]
-        exposition = openmetrics_exposition if openmetrics else text_exposition
-        body = exposition.generate_latest(self.registry)
-        self._cache[openmetrics] = (version, body)
+        last = self._last.get(openmetrics)
+        if last and last[0] == version:
+            return last[1]
+        if openmetrics:
+            body = openmetrics_exposition.generate_latest(self.registry)
+        else:
+            body = self._render_text()
+        self._last[openmetrics] = (version, body)
         return body
+
+    def _render_text(self) -> bytes:
+        texts: dict[str, list[str]] = {}
+        for name, text in render_samples(daemon_samples(self.store), ()).items():
+            texts.setdefault(name, []).append(text)
+        live: dict[int, tuple[Snapshot, dict[str, str]]] = {}
+        for _, snap in self.store.snapshots():
+            entry = self._by_snapshot.get(id(snap))
+            if entry is None or entry[0] is not snap:
+                entry = (snap, render_samples(snap.samples, snap.scope))
+            live[id(snap)] = entry
+            for name, text in entry[1].items():
+                texts.setdefault(name, []).append(text)
+        self._by_snapshot = live  # snapshots replaced since the last scrape are dropped
+        parts: list[str] = []
+        for name, chunks in texts.items():
+            parts.append(_header(m.CATALOGUE[name]))
+            parts.extend(chunks)
+        return "".join(parts).encode()
