@@ -247,14 +247,14 @@ def test_daemon_down_then_back(pg):
             latencies[phase[0]].append(time.perf_counter() - t0)
             time.sleep(0.005)
 
-    with run_daemon(config(), port=port) as daemon:
-        instrument(engine, app=app, endpoint=daemon.url, interval=0.2)
-        loop = threading.Thread(target=app_loop)
-        loop.start()
-        daemon.wait_for(
-            lambda: (daemon.value("sqlalchemy_pool_checkouts_total", app=app) or 0) > 50
-        )
+    loop = threading.Thread(target=app_loop, daemon=True)
     try:
+        with run_daemon(config(), port=port) as daemon:
+            instrument(engine, app=app, endpoint=daemon.url, interval=0.2)
+            loop.start()
+            daemon.wait_for(
+                lambda: (daemon.value("sqlalchemy_pool_checkouts_total", app=app) or 0) > 50
+            )
         phase[0] = "down"
         time.sleep(DOWN_SECONDS)
         phase[0] = "back"
@@ -270,7 +270,8 @@ def test_daemon_down_then_back(pg):
             settle(daemon, app, "sqlalchemy_pool_checkouts_total", done[0])
     finally:
         stop.set()
-        loop.join()
+        if loop.is_alive():
+            loop.join()
         engine.dispose()
     assert errors == []
     up, down = statistics.median(latencies["up"]), statistics.median(latencies["down"])

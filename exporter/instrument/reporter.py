@@ -82,6 +82,7 @@ class Reporter:
         with self._lock:
             self._regs.append(reg)
         self._ensure_thread()
+        self._wake.set()  # a shorter interval takes effect now, not after the current wait
 
     def interval(self) -> float:
         with self._lock:
