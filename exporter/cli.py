@@ -15,6 +15,7 @@ import sys
 
 from exporter import __version__, logs
 from exporter.config import ConfigError, load
+from exporter.secrets import redact
 
 COMMANDS = ("run", "check-config", "demo")
 
@@ -92,7 +93,9 @@ def _argv_with_default_command(argv: list[str]) -> list[str]:
 
 
 def _fail(message: str) -> int:
-    print(f"pgpressure: {message}", file=sys.stderr)
+    # Not through logging, so redact here: a value quoted in a config error can be a secret
+    # (e.g. a token interpolated into the wrong key).
+    print(f"pgpressure: {redact(message)}", file=sys.stderr)
     return 1
 
 
