@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import sys
+import threading
 import time
 
 from exporter.secrets import RedactingFilter
@@ -59,6 +61,35 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(doc)
 
 
+class RateLimit(logging.Filter):
+    """At most `burst` records per `window` seconds from a logger that clients can trigger
+    (aiohttp logs every malformed request), so a scanner cannot flood the log. The number
+    suppressed is added to the next record let through."""
+
+    def __init__(self, burst: int = 10, window: float = 60.0) -> None:
+        super().__init__()
+        self.burst, self.window = burst, window
+        self._start = -math.inf
+        self._count = 0
+        self._dropped = 0
+        self._lock = threading.Lock()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        now = time.monotonic()
+        with self._lock:
+            if now - self._start >= self.window:
+                self._start, self._count = now, 0
+            self._count += 1
+            if self._count > self.burst:
+                self._dropped += 1
+                return False
+            dropped, self._dropped = self._dropped, 0
+        if dropped:
+            record.msg = f"{record.getMessage()} ({dropped} similar messages suppressed)"
+            record.args = None
+        return True
+
+
 def setup(level: str = "info", fmt: str = "logfmt") -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else LogfmtFormatter())
@@ -71,3 +102,6 @@ def setup(level: str = "info", fmt: str = "logfmt") -> None:
     logging.getLogger("apscheduler").setLevel(max(LEVELS[level], logging.WARNING))
     logging.getLogger("botocore").setLevel(logging.WARNING)
     logging.getLogger("aiohttp.access").setLevel(max(LEVELS[level], logging.WARNING))
+    server = logging.getLogger("aiohttp.server")
+    if not any(isinstance(f, RateLimit) for f in server.filters):
+        server.addFilter(RateLimit())
