@@ -531,3 +531,18 @@ def test_http_concurrent_and_slow_pushes_do_not_block_scrapes(daemon) -> None:
     assert all(r in OK_STATUSES for r in results), results
     assert results.count(200) > 0
     assert worst < 1.0
+
+
+def test_http_malformed_requests_cannot_flood_the_log(daemon) -> None:
+    """Every malformed request makes aiohttp log an error: at most a handful get through."""
+    port = int(daemon.url.rsplit(":", 1)[1])
+    before = len(daemon.log().splitlines())
+    for i in range(300):
+        with socket.create_connection(("127.0.0.1", port)) as s:
+            line = b"GET /" + b"a" * 10_000 if i % 2 else b"GARBAGE \x00\x01 nonsense"
+            s.sendall(line + b" HTTP/1.1\r\n\r\n")
+            s.recv(100)
+    assert daemon.get("/metrics").status_code == 200
+    added = len(daemon.log().splitlines()) - before
+    print(f"\n300 malformed requests added {added} log lines")
+    assert added <= 20
