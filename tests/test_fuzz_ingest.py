@@ -207,7 +207,7 @@ async def test_random_bytes_are_refused_cleanly(raw: bytes) -> None:
 async def test_hostile_fields_never_change_the_aggregates(path, value, seq) -> None:
     """A valid process reports, then sends one hostile report: if refused, nothing changed;
     if accepted, the counters did not decrease and every value is finite and non-negative."""
-    assume(not _known_overflow(path, value))  # covered by the xfail test below
+    assume(not _known_overflow(path, value))  # covered by its own test below
     agg, _ = seeded()
     assert (await push(agg, report(proc="p1", seq=1)))[0] == 200
     before = aggregates(agg)
@@ -300,12 +300,6 @@ async def test_hostile_reports_are_refused_and_leave_the_aggregates(case: str) -
     assert (await push(agg, report(seq=3)))[0] == 200  # and the process can go on
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=RecursionError,
-    reason="apps.py: json.loads raises RecursionError on deep nesting, not caught -> HTTP 500 "
-    "(reported; remove this marker once _parse catches it)",
-)
 async def test_deep_nesting_is_refused_not_a_crash() -> None:
     agg, _ = seeded()
     for body in (b"[" * 100_000, b'{"a":' * 50_000, b'{"version": 1, "pools": ' + b"[" * 60_000):
@@ -313,12 +307,6 @@ async def test_deep_nesting_is_refused_not_a_crash() -> None:
         assert status == 400, answer
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=OverflowError,
-    reason="apps.py: HistogramReport._int_sum calls float() on an integer sum; 10**400 raises "
-    "OverflowError, not caught -> HTTP 500 (reported; remove this marker once fixed)",
-)
 async def test_integer_sum_too_large_for_a_float_is_refused() -> None:
     agg, _ = seeded()
     assert (await push(agg, report(seq=1)))[0] == 200

@@ -242,6 +242,8 @@ class AppsAggregator(Source):
             data = json.loads(body)
         except (ValueError, UnicodeDecodeError) as exc:
             raise Refused(400, "malformed", f"not JSON: {exc}") from None
+        except RecursionError:
+            raise Refused(400, "malformed", "JSON nested too deeply") from None
         if not isinstance(data, dict):
             raise Refused(400, "malformed", "a report is a JSON object")
         version = data.get("version")
@@ -254,6 +256,10 @@ class AppsAggregator(Source):
             )
         try:
             return Report.model_validate(data)
+        except (OverflowError, RecursionError):
+            raise Refused(
+                400, "invalid", "a number or nesting beyond what a report can hold"
+            ) from None
         except ValidationError as exc:
             first = exc.errors()[0]
             where = ".".join(str(p) for p in first["loc"]) or "report"
