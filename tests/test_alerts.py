@@ -61,11 +61,11 @@ def test_promtool_check_rules() -> None:
 
 @needs_promtool
 def test_promtool_unit_tests() -> None:
-    run("promtool", "test", "rules", "pgpressure.rules.test.yml", cwd=ALERTS)
+    run("promtool", "test", "rules", "pgpressure.test.yml", cwd=ALERTS)
 
 
 def test_every_alert_has_a_firing_and_a_silent_unit_test() -> None:
-    tests = yaml.safe_load((ALERTS / "pgpressure.rules.test.yml").read_text())
+    tests = yaml.safe_load((ALERTS / "pgpressure.test.yml").read_text())
     fires: set[str] = set()
     silent: set[str] = set()
     for case in tests["tests"]:
