@@ -40,6 +40,13 @@ def counter_by_db(daemon, name: str, datname: str, **labels: str) -> float:
     return daemon.value(name, datname=datname, **labels) or 0.0
 
 
+BURN_CPU_HALF_A_SECOND = """
+DO $$BEGIN
+  WHILE clock_timestamp() < statement_timestamp() + interval '0.5 s' LOOP END LOOP;
+END$$
+"""
+
+
 class Sessions:
     """Client sessions running statements in threads until stopped."""
 
@@ -75,13 +82,13 @@ def test_load_by_wait_event_matches_the_sessions_running(daemon, pg, fresh_db):
     dsn = pg.dsn(dbname=fresh_db)
     work = Sessions(dsn)
     work.loop("SELECT pg_sleep(0.5)", 4)
-    work.loop("SELECT count(*) FROM generate_series(1, 3000000)", 2)
+    # A busy PL/pgSQL loop is pure CPU. generate_series() would materialise its rows in a
+    # tuplestore that spills past work_mem, so part of the time would show as BufFile IO.
+    work.loop(BURN_CPU_HALF_A_SECOND, 2)
     time.sleep(1.5)  # every session is in its loop
     before = daemon.metrics()
-    t0 = daemon.value("pg_activity_samples_total")
     time.sleep(10)
     after = daemon.metrics()
-    t1 = daemon.value("pg_activity_samples_total")
     work.join()
 
     def total(snapshot, wait_event_type, wait_event):
@@ -93,7 +100,12 @@ def test_load_by_wait_event_matches_the_sessions_running(daemon, pg, fresh_db):
             and ls["wait_event"] == wait_event
         )
 
-    elapsed = t1 - t0  # samples x 1 s interval: the window the counters grew over
+    def samples(snapshot):
+        return sum(v for _, v in snapshot["pg_activity_samples_total"])
+
+    # Samples x 1 s interval: the window the counters grew over, read from the same two
+    # scrapes as the counters so a sample landing between two reads cannot skew the ratio.
+    elapsed = samples(after) - samples(before)
     assert elapsed >= 8
     sleep_aas = (total(after, "Timeout", "PgSleep") - total(before, "Timeout", "PgSleep")) / elapsed
     cpu_aas = (total(after, "CPU", "CPU") - total(before, "CPU", "CPU")) / elapsed
