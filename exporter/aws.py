@@ -10,9 +10,12 @@ never carries credentials.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import functools
 import threading
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, TypeVar
 
 import boto3
 from botocore.config import Config as BotoConfig
@@ -21,6 +24,8 @@ from botocore.exceptions import BotoCoreError, ClientError
 from exporter import __version__
 from exporter.config import AwsConfig
 from exporter.secrets import redact
+
+T = TypeVar("T")
 
 #: Error codes after which the clients are rebuilt, so refreshed credentials are picked up.
 EXPIRED = frozenset(
@@ -61,6 +66,37 @@ def api_error(operation: str, exc: Exception) -> AwsApiError:
             operation, err.get("Code") or "Unknown", status, err.get("Message") or ""
         )
     return AwsApiError(operation, type(exc).__name__, None, str(exc))
+
+
+async def off_the_loop(fn: Callable[[], T], name: str) -> T:
+    """Run a blocking boto3 call in a daemon thread and await its result.
+
+    Not `asyncio.to_thread`: the default executor's threads are joined when the loop and
+    the interpreter shut down, so a CloudWatch call hanging on its read timeout would hold
+    SIGTERM for up to that long. A daemon thread is abandoned at exit instead; an answer
+    that arrives after the loop closed is dropped.
+    """
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[T] = loop.create_future()
+
+    def settle(result: Any = None, error: BaseException | None = None) -> None:
+        if future.done():  # the awaiting task was cancelled
+            return
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
+
+    def work() -> None:
+        try:
+            outcome = {"result": fn()}
+        except BaseException as exc:  # handed to the awaiting task, re-raised there
+            outcome = {"error": exc}
+        with contextlib.suppress(RuntimeError):  # the loop closed: nobody is waiting
+            loop.call_soon_threadsafe(functools.partial(settle, **outcome))
+
+    threading.Thread(target=work, name=name, daemon=True).start()
+    return await future
 
 
 def operation_name(method: str) -> str:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
+import socket
+import threading
 
 import pytest
 
@@ -36,6 +39,40 @@ def test_stopping_while_the_database_is_unreachable(tmp_path):
         d.wait_for(lambda: d.value("pgpressure_source_errors_total", source="activity"))
         d.process.send_signal(signal.SIGTERM)
         assert d.process.wait(timeout=2) == 0
+
+
+def test_stopping_while_a_cloudwatch_call_hangs():
+    """An AWS endpoint that accepts and never answers must not hold SIGTERM for the read
+    timeout (20 s): the boto3 call runs in a thread that is abandoned at exit."""
+    accepted = threading.Event()
+    held: list[socket.socket] = []
+    with socket.create_server(("127.0.0.1", 0)) as black_hole:
+
+        def accept() -> None:
+            with contextlib.suppress(OSError):
+                while True:
+                    held.append(black_hole.accept()[0])
+                    accepted.set()
+
+        threading.Thread(target=accept, daemon=True).start()
+        endpoint = f"http://127.0.0.1:{black_hole.getsockname()[1]}"
+        aws = f"""
+databases: []
+ingest: {{enabled: false}}
+aws:
+  region: us-east-1
+  endpoint_url: {endpoint}
+  access_key_id: AKIDEXAMPLE
+  secret_access_key: not-a-real-secret
+  rds_proxy: {{enabled: true, proxies: [orders-proxy], interval: 1s, logs: false}}
+"""
+        with run_daemon(aws) as d:
+            assert accepted.wait(15), "the source never called the endpoint"
+            d.process.send_signal(signal.SIGTERM)
+            assert d.process.wait(timeout=2) == 0
+            assert "Traceback" not in d.log()
+        for conn in held:
+            conn.close()
 
 
 def test_json_logs_are_one_object_per_line(pg):

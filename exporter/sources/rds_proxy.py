@@ -33,7 +33,6 @@ Choices that matter to users (also in docs/rds-proxy.md):
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import math
 import time
@@ -43,7 +42,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from exporter import metrics as m
-from exporter.aws import EXPIRED, AwsApiError, Clients
+from exporter.aws import EXPIRED, AwsApiError, Clients, off_the_loop
 from exporter.config import AwsConfig
 from exporter.logs import kv
 from exporter.metrics import MetricSpec, Sample
@@ -130,10 +129,10 @@ class RdsProxySource(Source):
 
     # -- the runner's side -----------------------------------------------------------------
     async def sample(self) -> Iterable[Sample]:
-        return await asyncio.to_thread(self._poll)
+        return await off_the_loop(self._poll, "pgpressure-rds-proxy-poll")
 
     async def close(self) -> None:
-        await asyncio.to_thread(self._clients.reset)
+        await off_the_loop(self._clients.reset, "pgpressure-aws-close")
 
     def status(self) -> dict[str, object]:
         endpoint = self.config.endpoint_url
