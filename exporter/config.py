@@ -138,6 +138,7 @@ class RdsProxyConfig(_Strict):
     logs: bool = True
     discovery_interval: Duration = 300.0
     max_log_events_per_poll: int = Field(10_000, ge=1)
+    max_proxies: int = Field(50, ge=1)
 
 
 class AwsConfig(_Strict):

@@ -26,7 +26,7 @@ from exporter.config import AwsConfig
 from exporter.pinning import REASONS
 from exporter.render import Renderer
 from exporter.runner import SourceRunner
-from exporter.sources.rds_proxy import RdsProxySource
+from exporter.sources.rds_proxy import RdsProxySource, _plausible
 from exporter.store import Store
 
 SECRET = "pgpressure-test-secret-0123456789"
@@ -434,11 +434,12 @@ async def test_metrics_units_reasons_and_one_batched_call(aws, fault_proxy, capl
     text = json.dumps(status)
     assert SECRET not in text and KEY_ID not in text
     names = [p["name"] for p in status["proxies"]]
-    assert names == ["orders-proxy", "billing-proxy", "idle-proxy"]
-    orders = status["proxies"][0]
+    assert names == ["billing-proxy", "idle-proxy", "orders-proxy"]  # by name, like the cap
+    by_name = {p["name"]: p for p in status["proxies"]}
+    orders = by_name["orders-proxy"]
     assert orders["target_groups"][0]["targets"][0]["id"] == "orders-db"
     assert orders["cloudwatch_targets"] == [{"target_group": "default", "target": "orders-db"}]
-    assert status["proxies"][2]["logs"] == "log group missing"
+    assert by_name["idle-proxy"]["logs"] == "log group missing"
     assert status["last_poll"]["get_metric_data_calls"] == 1
 
 
@@ -465,6 +466,53 @@ async def test_configured_proxies_skip_rds_discovery(aws, fault_proxy) -> None:
     assert fault_proxy.calls["DescribeDBProxyTargets"] == 0
     assert gauges(samples, ("orders-proxy", "", ""))["rds_proxy_database_connections"] == 7.0
     assert values(samples)[("pgpressure_cloudwatch_metrics_requested_total", ())] == 14
+
+
+async def test_implausible_datapoints_are_skipped_and_discovery_is_capped(
+    aws, fault_proxy, caplog
+) -> None:
+    build_world(aws)
+    cw = aws["cloudwatch"]
+    # newer than the good datapoint, so only the filter keeps it from being exported (moto,
+    # like AWS, refuses NaN and infinities on input; the unit test below covers those)
+    _put(cw, "billing-proxy", "ClientConnections", [8.0], _at(90))
+    _put(cw, "billing-proxy", "ClientConnections", [-5.0], _at(30))
+    caplog.set_level(logging.WARNING, logger="pgpressure.rds_proxy")
+    source = make_source(fault_proxy.url, Clock(T0), max_proxies=2, logs=False)
+
+    samples = list(await source.sample())
+
+    # billing-proxy and idle-proxy are the first two by name; orders-proxy is left out
+    assert {s.labels[0] for s in samples if s.spec.kind == "gauge"} == {"billing-proxy"}
+    assert gauges(samples, ("billing-proxy", "", "")) == {
+        "rds_proxy_database_connections": 3.0,
+        "rds_proxy_database_connections_currently_session_pinned": 0.0,
+        "rds_proxy_client_connections": 8.0,  # the newest *plausible* datapoint
+    }
+    messages = {r.getMessage(): r for r in caplog.records}
+    capped = messages[
+        "more rds proxies than max_proxies; list the ones to read in rds_proxy.proxies"
+    ]
+    assert (capped.fields["found"], capped.fields["skipped"]) == (3, 1)
+    skipped = [r for m, r in messages.items() if m.startswith("cloudwatch returned datapoints")]
+    assert skipped and skipped[0].fields["datapoints"] == 1
+
+
+@pytest.mark.parametrize(
+    ("value", "plausible"),
+    [
+        (0, True),
+        (3.5, True),
+        (-1.0, False),
+        (math.nan, False),
+        (math.inf, False),
+        (True, False),
+        ("7", False),
+        (None, False),
+    ],
+)
+def test_plausible_datapoints(value: object, plausible: bool) -> None:
+    assert _plausible(value) is plausible
 
 
 async def test_more_than_500_queries_are_split_into_calls_of_500(aws, fault_proxy) -> None:

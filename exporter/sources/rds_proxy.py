@@ -212,6 +212,7 @@ class RdsProxySource(Source):
                                 item.get("Status", ""),
                             )
                         )
+            proxies = self._within_cap(proxies)
             for proxy in proxies:
                 proxy.target_groups = self._target_groups(proxy.name)
         for proxy in proxies:
@@ -222,6 +223,18 @@ class RdsProxySource(Source):
         self._proxies = proxies
         self._discovered_at = self.clock()
         self._logs.forget_except(known)
+
+    def _within_cap(self, proxies: list[_Proxy]) -> list[_Proxy]:
+        """Discovery in a large account must not turn one poll into thousands of metric
+        queries: keep the first `max_proxies` by name and say what was left out."""
+        proxies.sort(key=lambda p: p.name)
+        cap = self.rds.max_proxies
+        if len(proxies) > cap:
+            log.warning(
+                "more rds proxies than max_proxies; list the ones to read in rds_proxy.proxies",
+                extra=kv(found=len(proxies), max_proxies=cap, skipped=len(proxies) - cap),
+            )
+        return proxies[:cap]
 
     def _target_groups(self, proxy: str) -> list[dict[str, object]]:
         groups = []
@@ -321,7 +334,7 @@ class RdsProxySource(Source):
             return [], 0, 0
         start, end = self._window(now)
         newest: dict[str, tuple[datetime, float]] = {}
-        calls = 0
+        calls = unusable = 0
         for offset in range(0, len(queries), MAX_QUERIES_PER_CALL):
             batch = [q for q, _, _ in queries[offset : offset + MAX_QUERIES_PER_CALL]]
             kwargs: dict[str, Any] = {
@@ -344,9 +357,17 @@ class RdsProxySource(Source):
                     for ts, value in zip(
                         result.get("Timestamps", []), result.get("Values", []), strict=False
                     ):
+                        if not _plausible(value):
+                            unusable += 1
+                            continue
                         best = newest.get(result["Id"])
                         if best is None or ts > best[0]:
                             newest[result["Id"]] = (ts, float(value))
+        if unusable:
+            log.warning(
+                "cloudwatch returned datapoints that are not finite non-negative numbers; skipped",
+                extra=kv(datapoints=unusable),
+            )
         values: dict[tuple[MetricSpec, tuple[str, str, str]], float] = {}
         for query, metric, labels in queries:
             got = newest.get(query["Id"])
@@ -358,6 +379,17 @@ class RdsProxySource(Source):
                 values.setdefault((_PINNED.spec, labels), 0.0)
         samples = [Sample(spec, labels, v) for (spec, labels), v in values.items()]
         return samples, len(queries), calls
+
+
+def _plausible(value: object) -> bool:
+    """Every RDS Proxy metric is a count or a latency: a NaN, an infinity or a negative
+    number is a broken answer, and exporting it would trip alerts on nonsense."""
+    return (
+        isinstance(value, int | float)
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+        and value >= 0
+    )
 
 
 def _iso(ts: float | None) -> str | None:
