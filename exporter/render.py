@@ -13,6 +13,7 @@ OpenMetrics, asked for far less often, goes through client_python's custom-colle
 
 from __future__ import annotations
 
+import gzip
 import math
 from collections.abc import Iterable, Iterator
 
@@ -163,18 +164,25 @@ class Renderer:
         # id(snapshot) -> (snapshot, rendered text by name); the snapshot is kept in the
         # tuple so its id cannot be reused while the entry exists.
         self._by_snapshot: dict[int, tuple[Snapshot, dict[str, str]]] = {}
-        self._last: dict[bool, tuple[int, bytes]] = {}
+        self._last: dict[tuple[bool, bool], tuple[int, bytes]] = {}
 
-    def render(self, openmetrics: bool = False) -> bytes:
+    def render(self, openmetrics: bool = False, gzipped: bool = False) -> bytes:
+        """The exposition of the store as it is now; the same bytes while it is unchanged.
+
+        Compressed at level 1: about ten times smaller for ~1 ms per 400 kB, where the
+        default level costs four times as much for a 15% smaller body.
+        """
         version = self.store.version
-        last = self._last.get(openmetrics)
+        last = self._last.get((openmetrics, gzipped))
         if last and last[0] == version:
             return last[1]
-        if openmetrics:
+        if gzipped:
+            body = gzip.compress(self.render(openmetrics), compresslevel=1, mtime=0)
+        elif openmetrics:
             body = openmetrics_exposition.generate_latest(self.registry)
         else:
             body = self._render_text()
-        self._last[openmetrics] = (version, body)
+        self._last[(openmetrics, gzipped)] = (version, body)
         return body
 
     def _render_text(self) -> bytes:

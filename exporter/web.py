@@ -28,12 +28,25 @@ def _wants_openmetrics(request: web.Request) -> bool:
     return "application/openmetrics-text" in request.headers.get("Accept", "")
 
 
+def _accepts_gzip(request: web.Request) -> bool:
+    """Prometheus sends `Accept-Encoding: gzip`; honour `gzip;q=0` as a refusal."""
+    for coding in request.headers.get("Accept-Encoding", "").split(","):
+        name, _, params = coding.partition(";")
+        if name.strip().lower() == "gzip":
+            return params.replace(" ", "").lower() not in {"q=0", "q=0.0", "q=0.00", "q=0.000"}
+    return False
+
+
 async def metrics(request: web.Request) -> web.Response:
     daemon = request.app[DAEMON]
     openmetrics = _wants_openmetrics(request)
-    body = daemon.renderer.render(openmetrics=openmetrics)
+    gzipped = _accepts_gzip(request)
+    body = daemon.renderer.render(openmetrics=openmetrics, gzipped=gzipped)
     response = web.Response(body=body)
     response.headers["Content-Type"] = OPENMETRICS if openmetrics else TEXT
+    response.headers["Vary"] = "Accept-Encoding"
+    if gzipped:
+        response.headers["Content-Encoding"] = "gzip"
     return response
 
 

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import gzip
+import http.client
 import json
 import signal
 import socket
 import threading
+from urllib.parse import urlsplit
 
 import pytest
 
@@ -84,6 +87,35 @@ def test_json_logs_are_one_object_per_line(pg):
     messages = {doc["msg"] for doc in docs}
     assert {"starting pgpressure", "listening", "connected to target"} <= messages
     assert all({"ts", "level", "msg"} <= set(doc) for doc in docs)
+
+
+def test_metrics_are_gzipped_when_the_scraper_accepts_it(pg):
+    """Prometheus asks for gzip (the body shrinks about tenfold); others get plain text."""
+    with run_daemon(config(pg.dsn())) as d:
+        d.wait_for(lambda: d.value("pgpressure_source_up", source="activity") == 1)
+        host, port = urlsplit(d.url).hostname, urlsplit(d.url).port
+
+        def scrape(accept_encoding: str | None) -> tuple[str | None, bytes]:
+            conn = http.client.HTTPConnection(host, port, timeout=10)
+            headers = {"Accept-Encoding": accept_encoding} if accept_encoding else {}
+            conn.request("GET", "/metrics", headers=headers)
+            response = conn.getresponse()
+            body = response.read()
+            conn.close()
+            assert response.status == 200
+            return response.getheader("Content-Encoding"), body
+
+        encoding, packed = scrape("gzip")
+        assert encoding == "gzip"
+        text = gzip.decompress(packed).decode()
+        assert "# TYPE pg_activity_samples_total counter" in text
+        assert "pgpressure_source_up{" in text
+        for refused in (None, "identity", "gzip;q=0, identity"):
+            encoding, plain = scrape(refused)
+            assert encoding is None, refused
+            assert b"# TYPE pg_activity_samples_total counter" in plain
+        encoding, _ = scrape("deflate, gzip;q=0.5")
+        assert encoding == "gzip"
 
 
 def test_health_and_readiness_endpoints(pg):
