@@ -34,6 +34,7 @@ import pytest
 import requests
 
 from exporter.pgcluster import Cluster
+from tests.aws_emulator import FaultProxy, moto_server
 from tests.helpers import DaemonProcess, free_port
 
 # Per-probe bounds. The issue's figure is 100 ms; a single probe on a 2-core CI runner that is
@@ -464,75 +465,10 @@ AWS_ODD_ANSWERS = {
 }
 
 
-class AwsFaultProxy:
-    """Forwards to moto; while `fault` is set, answers every GetMetricData with it and
-    records the time of each attempt."""
-
-    def __init__(self, upstream: str) -> None:
-        import http.client
-        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-        from urllib.parse import urlsplit
-
-        self.upstream = urlsplit(upstream)
-        self.fault: tuple[int, bytes, dict[str, str]] | None = None
-        self.attempts: list[float] = []
-        proxy = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-            def do_POST(self) -> None:
-                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-                target = self.headers.get("X-Amz-Target", "")
-                fault = proxy.fault
-                if target.endswith("GetMetricData") or b"GetMetricData" in body[:200]:
-                    proxy.attempts.append(time.monotonic())
-                if fault is not None and target.endswith("GetMetricData"):
-                    status, payload, headers = fault
-                else:
-                    conn = http.client.HTTPConnection(
-                        proxy.upstream.hostname, proxy.upstream.port, timeout=30
-                    )
-                    skip = {"connection", "content-length", "transfer-encoding"}
-                    conn.request(
-                        "POST",
-                        self.path,
-                        body,
-                        {k: v for k, v in self.headers.items() if k.lower() not in skip},
-                    )
-                    resp = conn.getresponse()
-                    payload = resp.read()
-                    status = resp.status
-                    headers = {k: v for k, v in resp.getheaders() if k.lower() not in skip}
-                    conn.close()
-                self.send_response(status)
-                for name, value in headers.items():
-                    self.send_header(name, value)
-                self.send_header("Content-Length", str(len(payload)))
-                self.end_headers()
-                self.wfile.write(payload)
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-
-
 @pytest.fixture(scope="module")
 def moto() -> Iterator[str]:
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    yield f"http://{host}:{port}"
-    server.stop()
+    with moto_server() as url:
+        yield url
 
 
 def aws_config(endpoint: str) -> str:
@@ -584,65 +520,65 @@ def rds_up(d: FaultDaemon) -> float | None:
 
 def test_aws_throttling_500s_and_malformed_answers_back_off_without_crashing(moto: str) -> None:
     put_connections(moto, 7.0)
-    proxy = AwsFaultProxy(moto)
-    try:
-        with fault_daemon(aws_config(proxy.url)) as d, Prober(d.url) as prober:
-            d.wait_for(lambda: rds_up(d) == 1)
-            d.wait_for(lambda: d.value("rds_proxy_database_connections", proxy="orders-proxy") == 7)
-            baseline = {"tasks": d.tasks(), "threads": d.threads(), "fds": d.fds()}
-            figures = {}
-            for name, fault in AWS_FAULTS.items():
-                errors = d.value("pgpressure_source_errors_total", source="rds_proxy") or 0
-                proxy.fault = fault
-                started = time.monotonic()
-                d.wait_for(lambda: rds_up(d) == 0, timeout=10)
-                time.sleep(4.5)
-                window = [t for t in proxy.attempts if t >= started]
-                # Backing off: 1 s interval, doubling -> attempts at ~0, 1, 3 s, not 5.
-                assert 2 <= len(window) <= 4, (name, len(window))
-                gaps = [b - a for a, b in itertools.pairwise(window)]
-                assert gaps == sorted(gaps) or max(gaps) >= 3, (name, gaps)
-                assert d.value("pgpressure_source_errors_total", source="rds_proxy") > errors
-                # The last good values stay exported (they are minutes old anyway).
-                assert d.value("rds_proxy_database_connections", proxy="orders-proxy") == 7
-                assert d.process.poll() is None, f"daemon died on {name}"
-                proxy.fault = None
-                cleared = time.monotonic()
-                d.wait_for(lambda: rds_up(d) == 1, timeout=20)
-                figures[name] = {
-                    "attempts_in_4.5s": len(window),
-                    "recovered_s": round(time.monotonic() - cleared, 1),
-                    "worst_scrape_ms": round(prober.worst_since(started)),
-                }
-                print(f"{name}: {figures[name]}")
-            for name, answer in AWS_ODD_ANSWERS.items():
-                before = len(proxy.attempts)
-                started = time.monotonic()
-                proxy.fault = answer
-                d.wait_for(lambda b=before: len(proxy.attempts) >= b + 2, timeout=15)
-                proxy.fault = None
-                assert d.process.poll() is None, f"daemon died on {name}"
-                families = d.metrics()  # parses: valid text whatever the values
-                assert "pgpressure_source_up" in families
-                exported = families.get("rds_proxy_database_connections")
-                print(
-                    f"{name}: up={rds_up(d)} exported={exported} "
-                    f"worst_scrape_ms={prober.worst_since(started):.0f}"
-                )
-                d.wait_for(lambda: rds_up(d) == 1, timeout=20)
-                d.wait_for(
-                    lambda: d.value("rds_proxy_database_connections", proxy="orders-proxy") == 7,
-                    timeout=20,
-                )
-            after = {"tasks": d.tasks(), "threads": d.threads(), "fds": d.fds()}
-            print(f"resources before {baseline} after {after}")
-            assert after["tasks"] <= baseline["tasks"]
-            assert after["threads"] <= baseline["threads"] + 2
-            assert after["fds"] <= baseline["fds"] + 4
-            log = d.log()
-        summary = prober.check()
-        print(f"/metrics during AWS faults: {summary}")
-        assert "Traceback" not in log
-        assert AWS_SECRET not in log and AWS_KEY_ID not in log
-    finally:
-        proxy.close()
+    with (
+        FaultProxy(moto) as proxy,
+        fault_daemon(aws_config(proxy.url)) as d,
+        Prober(d.url) as prober,
+    ):
+        d.wait_for(lambda: rds_up(d) == 1)
+        d.wait_for(lambda: d.value("rds_proxy_database_connections", proxy="orders-proxy") == 7)
+        baseline = {"tasks": d.tasks(), "threads": d.threads(), "fds": d.fds()}
+        figures = {}
+        for name, fault in AWS_FAULTS.items():
+            errors = d.value("pgpressure_source_errors_total", source="rds_proxy") or 0
+            proxy.inject_until_cleared("GetMetricData", *fault)
+            started = time.monotonic()
+            d.wait_for(lambda: rds_up(d) == 0, timeout=10)
+            time.sleep(4.5)
+            window = [t for t in proxy.times("GetMetricData") if t >= started]
+            # Backing off: 1 s interval, doubling -> attempts at ~0, 1, 3 s, not 5.
+            assert 2 <= len(window) <= 4, (name, len(window))
+            gaps = [b - a for a, b in itertools.pairwise(window)]
+            assert gaps == sorted(gaps) or max(gaps) >= 3, (name, gaps)
+            assert d.value("pgpressure_source_errors_total", source="rds_proxy") > errors
+            # The last good values stay exported (they are minutes old anyway).
+            assert d.value("rds_proxy_database_connections", proxy="orders-proxy") == 7
+            assert d.process.poll() is None, f"daemon died on {name}"
+            proxy.clear("GetMetricData")
+            cleared = time.monotonic()
+            d.wait_for(lambda: rds_up(d) == 1, timeout=20)
+            figures[name] = {
+                "attempts_in_4.5s": len(window),
+                "recovered_s": round(time.monotonic() - cleared, 1),
+                "worst_scrape_ms": round(prober.worst_since(started)),
+            }
+            print(f"{name}: {figures[name]}")
+        for name, answer in AWS_ODD_ANSWERS.items():
+            before = len(proxy.times("GetMetricData"))
+            started = time.monotonic()
+            proxy.inject_until_cleared("GetMetricData", *answer)
+            d.wait_for(lambda b=before: len(proxy.times("GetMetricData")) >= b + 2, timeout=15)
+            proxy.clear("GetMetricData")
+            assert d.process.poll() is None, f"daemon died on {name}"
+            families = d.metrics()  # parses: valid text whatever the values
+            assert "pgpressure_source_up" in families
+            exported = families.get("rds_proxy_database_connections")
+            print(
+                f"{name}: up={rds_up(d)} exported={exported} "
+                f"worst_scrape_ms={prober.worst_since(started):.0f}"
+            )
+            d.wait_for(lambda: rds_up(d) == 1, timeout=20)
+            d.wait_for(
+                lambda: d.value("rds_proxy_database_connections", proxy="orders-proxy") == 7,
+                timeout=20,
+            )
+        after = {"tasks": d.tasks(), "threads": d.threads(), "fds": d.fds()}
+        print(f"resources before {baseline} after {after}")
+        assert after["tasks"] <= baseline["tasks"]
+        assert after["threads"] <= baseline["threads"] + 2
+        assert after["fds"] <= baseline["fds"] + 4
+        log = d.log()
+    summary = prober.check()
+    print(f"/metrics during AWS faults: {summary}")
+    assert "Traceback" not in log
+    assert AWS_SECRET not in log and AWS_KEY_ID not in log

@@ -1,24 +1,18 @@
 """The RDS Proxy source against a real AWS API emulator (moto in server mode), through a small
-HTTP proxy that counts requests per API operation and injects faults."""
+HTTP proxy that counts requests per API operation and injects faults (tests/aws_emulator.py)."""
 
 from __future__ import annotations
 
-import http.client
 import json
 import logging
 import math
-import threading
 import time
-from collections import Counter, defaultdict
 from collections.abc import Iterator
 from datetime import UTC, datetime
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from urllib.parse import parse_qs, urlsplit
 
 import boto3
 import pytest
 import requests
-from moto.server import ThreadedMotoServer
 
 from exporter import metrics as m
 from exporter.aws import AwsApiError
@@ -28,99 +22,11 @@ from exporter.render import Renderer
 from exporter.runner import SourceRunner
 from exporter.sources.rds_proxy import RdsProxySource, _plausible
 from exporter.store import Store
+from tests.aws_emulator import FaultProxy, moto_server
 
 SECRET = "pgpressure-test-secret-0123456789"
 KEY_ID = "AKIAPGPRESSURETEST01"
 REGION = "us-east-1"
-
-# --- a fault-injecting, request-counting HTTP proxy in front of moto ---------------------
-
-
-class FaultProxy:
-    """Forwards every request to moto; counts them by operation (X-Amz-Target for the JSON
-    protocols, Action= for the query protocol) and answers with a queued fault instead when
-    one is armed for that operation."""
-
-    def __init__(self, upstream: str) -> None:
-        self.upstream = urlsplit(upstream)
-        self.calls: Counter[str] = Counter()
-        self.faults: dict[str, list[tuple[int, bytes, dict[str, str]]]] = defaultdict(list)
-        self.lock = threading.Lock()
-        proxy = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args: object) -> None:
-                pass
-
-            def _handle(self) -> None:
-                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-                op = proxy.operation(self.headers, body)
-                with proxy.lock:
-                    proxy.calls[op] += 1
-                    fault = proxy.faults[op].pop(0) if proxy.faults[op] else None
-                if fault is None:
-                    status, headers, payload = proxy.forward(
-                        self.command, self.path, self.headers, body
-                    )
-                else:
-                    status, payload, headers = fault
-                self.send_response(status)
-                for name, value in headers.items():
-                    self.send_header(name, value)
-                self.send_header("Content-Length", str(len(payload)))
-                self.end_headers()
-                self.wfile.write(payload)
-
-            do_GET = do_POST = _handle  # http.server's naming
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
-
-    @staticmethod
-    def operation(headers, body: bytes) -> str:
-        target = headers.get("X-Amz-Target")
-        if target:
-            return target.rsplit(".", 1)[-1]
-        action = parse_qs(body.decode("utf-8", "replace")).get("Action")
-        return action[0] if action else "?"
-
-    def forward(self, method: str, path: str, headers, body: bytes):
-        conn = http.client.HTTPConnection(self.upstream.hostname, self.upstream.port, timeout=30)
-        try:
-            skip = {"connection", "content-length", "transfer-encoding"}
-            conn.request(
-                method, path, body, {k: v for k, v in headers.items() if k.lower() not in skip}
-            )
-            resp = conn.getresponse()
-            payload = resp.read()
-            out = {k: v for k, v in resp.getheaders() if k.lower() not in skip}
-            return resp.status, out, payload
-        finally:
-            conn.close()
-
-    def inject(
-        self,
-        operation: str,
-        status: int,
-        body: bytes | str,
-        headers: dict[str, str] | None = None,
-        times: int = 1,
-    ) -> None:
-        payload = body.encode() if isinstance(body, str) else body
-        with self.lock:
-            self.faults[operation] += [(status, payload, headers or {})] * times
-
-    def reset(self) -> None:
-        with self.lock:
-            self.calls.clear()
-            self.faults.clear()
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-
 
 JSON10 = {"Content-Type": "application/x-amz-json-1.0"}
 JSON11 = {"Content-Type": "application/x-amz-json-1.1"}
@@ -131,18 +37,14 @@ THROTTLED = json.dumps(
 
 @pytest.fixture(scope="module")
 def moto_url() -> Iterator[str]:
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    yield f"http://{host}:{port}"
-    server.stop()
+    with moto_server() as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
 def fault_proxy(moto_url: str) -> Iterator[FaultProxy]:
-    proxy = FaultProxy(moto_url)
-    yield proxy
-    proxy.close()
+    with FaultProxy(moto_url) as proxy:
+        yield proxy
 
 
 @pytest.fixture

@@ -14,15 +14,14 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import threading
-from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from urllib.parse import quote
 
 import pytest
 import requests
 
+from tests.aws_emulator import Answer, LocalHttpServer
 from tests.conftest import MONITOR_PASSWORD
 from tests.helpers import free_port, run_daemon
 
@@ -48,48 +47,28 @@ def assert_clean(where: str, text: str) -> None:
         assert canary not in text, f"secret {canary[:6]}... leaked in {where}"
 
 
-class EchoingAws:
+class EchoingAws(LocalHttpServer):
     """An AWS endpoint that refuses every call and quotes the caller's credentials back."""
 
     def __init__(self) -> None:
         self.calls = 0
-        echo = self
+        super().__init__()
 
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args: object) -> None:
-                pass
-
-            def do_POST(self) -> None:
-                self.rfile.read(int(self.headers.get("Content-Length") or 0))
-                echo.calls += 1
-                auth = self.headers.get("Authorization", "")
-                body = json.dumps(
-                    {
-                        "__type": "UnrecognizedClientException",
-                        "message": f"The security token included in the request is invalid: "
-                        f"{auth} (secret {AWS_SECRET}, key {AWS_KEY_ID})",
-                    }
-                ).encode()
-                self.send_response(400)
-                self.send_header("Content-Type", "application/x-amz-json-1.0")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+    def answer(self, method: str, path: str, headers: Mapping[str, str], body: bytes) -> Answer:
+        self.calls += 1
+        auth = headers.get("Authorization", "")
+        refusal = {
+            "__type": "UnrecognizedClientException",
+            "message": f"The security token included in the request is invalid: "
+            f"{auth} (secret {AWS_SECRET}, key {AWS_KEY_ID})",
+        }
+        return 400, {"Content-Type": "application/x-amz-json-1.0"}, json.dumps(refusal).encode()
 
 
 @pytest.fixture(scope="module")
 def aws() -> Iterator[EchoingAws]:
-    server = EchoingAws()
-    yield server
-    server.close()
+    with EchoingAws() as server:
+        yield server
 
 
 def config(pg, tmp_path: Path, aws_endpoint: str) -> str:
