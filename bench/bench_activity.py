@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT))
 import asyncpg  # noqa: E402
 
 from exporter.pgcluster import Cluster  # noqa: E402
-from tests.helpers import run_daemon  # noqa: E402
+from tests.helpers import one_target_config, run_daemon  # noqa: E402
 
 GOAL_CORE_SHARE = 0.002  # 0.2% of one core
 BARE = "SELECT * FROM pg_stat_activity"
@@ -131,17 +131,6 @@ class Clients:
         self.thread.join(5)
 
 
-def daemon_config(dsn: str) -> str:
-    return f"""
-databases:
-  - name: main
-    dsn: {dsn}
-    vcpus: 2
-    activity: {{interval: 1s}}
-ingest: {{enabled: false}}
-"""
-
-
 def stats(cluster: Cluster, where: str) -> dict[str, float]:
     out = cluster.psql(STATS.format(where=where)).split("|")
     if len(out) < 5 or not out[0]:
@@ -169,7 +158,7 @@ def main() -> int:
 def measure(cluster: Cluster, args: argparse.Namespace) -> tuple:
     with (
         Clients(cluster.dsn(), args.idle, args.active) as clients,
-        run_daemon(daemon_config(cluster.dsn(user=ROLE))) as daemon,
+        run_daemon(one_target_config(cluster.dsn(user=ROLE))) as daemon,
     ):
         daemon.wait_for(lambda: (daemon.value("pg_activity_samples_total") or 0) >= 2)
         pids = cluster.psql(

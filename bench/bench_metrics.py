@@ -26,11 +26,9 @@ import http.client
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
@@ -38,6 +36,7 @@ sys.path.insert(0, str(BENCH.parent))
 sys.path.insert(0, str(BENCH))
 
 from exporter.pgcluster import Cluster, free_port  # noqa: E402
+from tests.helpers import logged_process, one_target_config  # noqa: E402
 
 GOAL_P99_MS = 20.0
 POSTGRES_EXPORTER = "/usr/bin/prometheus-postgres-exporter"
@@ -94,35 +93,6 @@ class Scraper:
             self.conn = None
             time.sleep(0.2)
         raise RuntimeError(f"{self.name} did not answer on 127.0.0.1:{self.port}")
-
-
-@contextlib.contextmanager
-def process(cmd: list[str], log: Path, env: dict[str, str] | None = None) -> Iterator[None]:
-    with open(log, "w") as out:
-        proc = subprocess.Popen(
-            cmd, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}
-        )
-    try:
-        yield
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
-def pgpressure_config(dsn: str) -> str:
-    return f"""
-databases:
-  - name: main
-    dsn: {dsn}
-    vcpus: 2
-    activity: {{interval: 1s}}
-    statements: {{interval: 15s, top_n: 20}}
-ingest: {{enabled: false}}
-"""
 
 
 def percentiles(seconds: list[float]) -> dict[str, float]:
@@ -210,7 +180,9 @@ def main() -> int:
         with Cluster() as cluster:
             cluster.psql("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
             config = tmp / "config.yaml"
-            config.write_text(pgpressure_config(cluster.dsn()))
+            config.write_text(
+                one_target_config(cluster.dsn(), statements="{interval: 15s, top_n: 20}")
+            )
             ours = Scraper("pgpressure", free_port())
             theirs = Scraper("postgres_exporter", free_port())
             ours_cmd = [
@@ -226,8 +198,8 @@ def main() -> int:
             theirs_cmd = [POSTGRES_EXPORTER, f"--web.listen-address=127.0.0.1:{theirs.port}"]
             theirs_env = {"DATA_SOURCE_NAME": cluster.dsn() + "?sslmode=disable"}
             with (
-                process(ours_cmd, tmp / "pgpressure.log"),
-                process(theirs_cmd, tmp / "postgres_exporter.log", theirs_env),
+                logged_process(ours_cmd, tmp / "pgpressure.log"),
+                logged_process(theirs_cmd, tmp / "postgres_exporter.log", theirs_env),
             ):
                 ours.wait_up()
                 theirs.wait_up()

@@ -12,6 +12,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import requests
 from prometheus_client.parser import text_string_to_metric_families
@@ -76,46 +77,76 @@ class DaemonProcess:
 
 
 @contextlib.contextmanager
+def logged_process(
+    cmd: list[str], log_path: Path, env: dict[str, str] | None = None, stop_timeout: float = 5
+) -> Iterator[subprocess.Popen]:
+    """Run `cmd` with stdout and stderr to `log_path` and `env` added to the environment;
+    afterwards SIGTERM, and SIGKILL if it has not exited within `stop_timeout` seconds."""
+    with open(log_path, "w") as log_file:
+        process = subprocess.Popen(
+            cmd, stdout=log_file, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}
+        )
+    try:
+        yield process
+    finally:
+        process.terminate()
+        try:
+            process.wait(stop_timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def one_target_config(dsn: str, *, statements: str | None = None, extra: str = "") -> str:
+    """A daemon config with one database target, `main` (2 vCPUs, activity sampled every
+    second), and ingest off. `statements` is the flow mapping of its statements source
+    (its defaults if None); `extra` is added to the target (lines indented by 4 spaces)."""
+    statements_line = f"\n    statements: {statements}" if statements is not None else ""
+    return f"""
+databases:
+  - name: main
+    dsn: {dsn}
+    vcpus: 2
+    activity: {{interval: 1s}}{statements_line}
+{extra}
+ingest: {{enabled: false}}
+"""
+
+
+Daemon = TypeVar("Daemon", bound=DaemonProcess)
+
+
+@contextlib.contextmanager
 def run_daemon(
     config_yaml: str,
     *extra_args: str,
     env: dict[str, str] | None = None,
     wait_ready: bool = True,
     port: int | None = None,
-) -> Iterator[DaemonProcess]:
-    """Start `python -m exporter` with this config on a free port; stop it afterwards."""
+    program: tuple[str, ...] = ("-m", "exporter"),
+    daemon_class: type[Daemon] = DaemonProcess,
+) -> Iterator[Daemon]:
+    """Start `python -m exporter` with this config on a free port; stop it afterwards.
+    `program` replaces `-m exporter` (a launcher script that runs exporter.cli.main), and
+    `daemon_class` (a DaemonProcess subclass) is what is yielded."""
     tmp = Path(tempfile.mkdtemp(prefix="pgpressure-daemon-"))
     config_path = tmp / "config.yaml"
     config_path.write_text(config_yaml)
     log_path = tmp / "daemon.log"
     port = port or free_port()
-    with open(log_path, "w") as log_file:
-        process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "exporter",
-                "--config.file",
-                str(config_path),
-                "--web.listen-address",
-                f"127.0.0.1:{port}",
-                "--log.level",
-                "debug",
-                *extra_args,
-            ],
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, **(env or {})},
-        )
-    daemon = DaemonProcess(f"http://127.0.0.1:{port}", process, log_path, config_path)
-    try:
+    cmd = [
+        sys.executable,
+        *program,
+        "--config.file",
+        str(config_path),
+        "--web.listen-address",
+        f"127.0.0.1:{port}",
+        "--log.level",
+        "debug",
+        *extra_args,
+    ]
+    with logged_process(cmd, log_path, env) as process:
+        daemon = daemon_class(f"http://127.0.0.1:{port}", process, log_path, config_path)
         if wait_ready:
             daemon.wait_for(lambda: daemon.get("/-/ready").status_code == 200, timeout=20)
         yield daemon
-    finally:
-        process.terminate()
-        try:
-            process.wait(5)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()

@@ -25,7 +25,6 @@ import contextlib
 import json
 import os
 import shutil
-import subprocess
 import tempfile
 import threading
 import time
@@ -41,7 +40,7 @@ import yaml
 
 from exporter.pgcluster import Cluster
 from tests.conftest import MONITOR_PASSWORD
-from tests.helpers import free_port, run_daemon
+from tests.helpers import free_port, logged_process, run_daemon
 from tests.promql_tools import (
     ROOT,
     load_rules,
@@ -99,26 +98,23 @@ def _binary(*names: str) -> str:
 
 
 @contextlib.contextmanager
-def _process(cmd: list[str], log: Path, ready_url: str, what: str) -> Iterator[None]:
-    with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
-    try:
+def _serve(name: str, binary: str, args: list[str], tmp: Path) -> Iterator[str]:
+    """Start a Prometheus-project binary with `args` on a free port, logging to
+    tmp/<name>.log; yields its URL once /-/ready answers."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    log = tmp / f"{name}.log"
+    cmd = [binary, *args, f"--web.listen-address=127.0.0.1:{port}"]
+    with logged_process(cmd, log, stop_timeout=10) as proc:
         deadline = time.monotonic() + 30
         while True:
             with contextlib.suppress(requests.RequestException):
-                if requests.get(ready_url, timeout=1).status_code == 200:
+                if requests.get(f"{url}/-/ready", timeout=1).status_code == 200:
                     break
             if proc.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError(f"{what} did not start:\n{log.read_text()[-3000:]}")
+                raise AssertionError(f"{name} did not start:\n{log.read_text()[-3000:]}")
             time.sleep(0.1)
-        yield
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        yield url
 
 
 @dataclass
@@ -192,16 +188,13 @@ def alertmanager_config(webhook_url: str) -> dict:
 def alertmanager(tmp: Path, webhook_url: str) -> Iterator[str]:
     config = tmp / "alertmanager.yml"
     config.write_text(yaml.safe_dump(alertmanager_config(webhook_url)))
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    cmd = [
-        _binary("prometheus-alertmanager", "alertmanager"),
+    args = [
         f"--config.file={config}",
         f"--storage.path={tmp / 'am-data'}",
-        f"--web.listen-address=127.0.0.1:{port}",
         "--cluster.listen-address=",
     ]
-    with _process(cmd, tmp / "alertmanager.log", f"{url}/-/ready", "alertmanager"):
+    binary = _binary("prometheus-alertmanager", "alertmanager")
+    with _serve("alertmanager", binary, args, tmp) as url:
         yield url
 
 
@@ -220,16 +213,12 @@ def prometheus(tmp: Path, scrape: str, alertmanager_url: str) -> Iterator[str]:
         "scrape_configs": [{"job_name": "pgpressure", "static_configs": [{"targets": [scrape]}]}],
     }
     (tmp / "prometheus.yml").write_text(yaml.safe_dump(config))
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    cmd = [
-        _binary("prometheus"),
+    args = [
         f"--config.file={tmp / 'prometheus.yml'}",
         f"--storage.tsdb.path={tmp / 'prom-data'}",
-        f"--web.listen-address=127.0.0.1:{port}",
         "--rules.alert.resend-delay=1s",
     ]
-    with _process(cmd, tmp / "prometheus.log", f"{url}/-/ready", "prometheus"):
+    with _serve("prometheus", _binary("prometheus"), args, tmp) as url:
         yield url
 
 

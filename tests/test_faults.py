@@ -22,8 +22,6 @@ import itertools
 import json
 import os
 import statistics
-import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -35,7 +33,7 @@ import requests
 
 from exporter.pgcluster import Cluster
 from tests.aws_emulator import FaultProxy, moto_server
-from tests.helpers import DaemonProcess, free_port
+from tests.helpers import DaemonProcess, free_port, run_daemon
 
 # Per-probe bounds. The issue's figure is 100 ms; a single probe on a 2-core CI runner that is
 # busy restarting PostgreSQL can be descheduled for longer than that, so the hard per-request
@@ -201,43 +199,18 @@ class FaultDaemon(DaemonProcess):
 
 @contextlib.contextmanager
 def fault_daemon(config_yaml: str) -> Iterator[FaultDaemon]:
+    """run_daemon through LAUNCHER, which reports the daemon's asyncio task count."""
     tmp = Path(tempfile.mkdtemp(prefix="pgpressure-faults-"))
-    (tmp / "config.yaml").write_text(config_yaml)
     (tmp / "launcher.py").write_text(LAUNCHER)
-    log_path = tmp / "daemon.log"
-    port = free_port()
-    with open(log_path, "w") as log_file:
-        process = subprocess.Popen(
-            [
-                sys.executable,
-                str(tmp / "launcher.py"),
-                "--config.file",
-                str(tmp / "config.yaml"),
-                "--web.listen-address",
-                f"127.0.0.1:{port}",
-                "--log.level",
-                "debug",
-            ],
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-            env={
-                **os.environ,
-                "PGPRESSURE_TEST_STATS": str(tmp / "stats.json"),
-                "PYTHONPATH": str(Path(__file__).resolve().parent.parent),
-            },
-        )
-    daemon = FaultDaemon(f"http://127.0.0.1:{port}", process, log_path, tmp / "config.yaml")
-    daemon.stats_path = tmp / "stats.json"
-    try:
-        daemon.wait_for(lambda: daemon.get("/-/ready").status_code == 200, timeout=20)
+    env = {
+        "PGPRESSURE_TEST_STATS": str(tmp / "stats.json"),
+        "PYTHONPATH": str(Path(__file__).resolve().parent.parent),
+    }
+    with run_daemon(
+        config_yaml, env=env, program=(str(tmp / "launcher.py"),), daemon_class=FaultDaemon
+    ) as daemon:
+        daemon.stats_path = tmp / "stats.json"
         yield daemon
-    finally:
-        process.terminate()
-        try:
-            process.wait(5)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 class Prober:

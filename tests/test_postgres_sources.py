@@ -12,22 +12,16 @@ import pytest
 
 from exporter.pgcluster import Cluster
 from tests.conftest import MONITOR_PASSWORD
-from tests.helpers import run_daemon
+from tests.helpers import one_target_config, run_daemon
 
 
 def daemon_config(
     dsn: str, *, statements_interval: str = "1s", extra: str = "", pinning: bool = False
 ) -> str:
-    return f"""
-databases:
-  - name: main
-    dsn: {dsn}
-    vcpus: 2
-    activity: {{interval: 1s}}
-    statements: {{interval: {statements_interval}, top_n: 50, pinning_risk: {str(pinning).lower()}}}
-{extra}
-ingest: {{enabled: false}}
-"""
+    statements = (
+        f"{{interval: {statements_interval}, top_n: 50, pinning_risk: {str(pinning).lower()}}}"
+    )
+    return one_target_config(dsn, statements=statements, extra=extra)
 
 
 @pytest.fixture(scope="module")
