@@ -142,7 +142,9 @@ class Daemon:
                 seconds=interval,
                 # Stagger first runs slightly so targets do not all query in the same instant.
                 next_run_time=start + timedelta(milliseconds=10 * i),
-                max_instances=1,
+                # The runner skips ticks while a run is in flight (quietly: see runner.py);
+                # APScheduler's own limit would log a warning on every skipped tick.
+                max_instances=3,
                 coalesce=True,
                 misfire_grace_time=max(1, int(interval)),
                 id=f"{source_runner.key[0]}:{source_runner.key[1]}",
@@ -165,6 +167,7 @@ class Daemon:
 
     async def _close(self, runner: web.AppRunner) -> None:
         async def close_all() -> None:
+            await asyncio.gather(*(r.stop() for r in self.runners), return_exceptions=True)
             await asyncio.gather(*(s.close() for s in self.sources), return_exceptions=True)
             await asyncio.gather(*(c.close() for c in self.connections), return_exceptions=True)
             await runner.cleanup()

@@ -3,6 +3,11 @@
 A failing source must never take the daemon down, flood the log, or hammer a database that
 is already in trouble. So failures are caught here, counted, logged when they start, change
 or end, and retried with exponential backoff capped by the source's `backoff_max`.
+
+A run that outlasts its interval (a connect timeout, a slow catalog) makes the following
+ticks return at once instead of queueing behind it. The runner tracks this itself rather
+than leaving it to APScheduler's `max_instances`, which logs a warning on every skipped tick
+for as long as the slowness lasts.
 """
 
 from __future__ import annotations
@@ -25,14 +30,45 @@ class SourceRunner:
         self.store = store
         self.key = (source.name, source.target)
         self.attempts = 0
+        self.overruns = 0
+        self._in_flight: asyncio.Task | None = None
+        self._stopping = False
         store.health(self.key)  # visible (up=0) before the first run
 
     def _backoff(self, failures: int) -> float:
         interval = self.source.interval
         cap = max(interval, self.source.backoff_max)
-        return min(interval * 2 ** (failures - 1), cap)
+        # The exponent is bounded: 2 ** 1024 no longer fits a float after days of failures.
+        return min(interval * 2.0 ** min(failures - 1, 32), cap)
 
     async def run_once(self) -> None:
+        if self._stopping:
+            return
+        if self._in_flight is not None:
+            self.overruns += 1
+            log.debug(
+                "source still running; tick skipped",
+                extra=kv(source=self.key[0], target=self.key[1], overruns=self.overruns),
+            )
+            return
+        self._in_flight = asyncio.current_task()
+        try:
+            await self._attempt()
+        except asyncio.CancelledError:
+            if not self._stopping:
+                raise
+        finally:
+            self._in_flight = None
+
+    async def stop(self) -> None:
+        """Cancel a run in flight and wait for it, so nothing reconnects after shutdown."""
+        self._stopping = True
+        task = self._in_flight
+        if task is not None and task is not asyncio.current_task():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+    async def _attempt(self) -> None:
         health = self.store.health(self.key)
         now = time.monotonic()
         if now < health.next_attempt:

@@ -1,0 +1,82 @@
+"""SourceRunner: backoff after very long outages, overrunning runs, cancellation at stop."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterable
+
+from exporter import metrics as m
+from exporter.metrics import Sample
+from exporter.runner import SourceRunner
+from exporter.sources.base import Source
+from exporter.store import Store
+
+
+class Scripted(Source):
+    """A source whose runs fail, hang or succeed as the test says."""
+
+    name = "scripted"
+    interval = 1.0
+    backoff_max = 30.0
+
+    def __init__(self) -> None:
+        self.fail = False
+        self.release = asyncio.Event()
+        self.release.set()
+        self.started = 0
+
+    async def sample(self) -> Iterable[Sample]:
+        self.started += 1
+        await self.release.wait()
+        if self.fail:
+            raise RuntimeError("database unreachable")
+        return [Sample(m.MAX_CONNECTIONS, (), 100.0)]
+
+
+def test_backoff_stays_capped_after_days_of_failures() -> None:
+    runner = SourceRunner(Scripted(), Store())
+    assert [runner._backoff(n) for n in (1, 2, 3, 6)] == [1.0, 2.0, 4.0, 30.0]
+    # 2 ** 1024 does not fit a float: an uncapped exponent raised OverflowError here.
+    assert runner._backoff(5_000) == 30.0
+
+
+async def test_a_source_failing_for_thousands_of_runs_keeps_being_counted() -> None:
+    source, store = Scripted(), Store()
+    source.fail = True
+    runner = SourceRunner(source, store)
+    health = store.health(runner.key)
+    for _ in range(1_100):
+        health.next_attempt = 0.0  # skip the wait, keep the count
+        await runner.run_once()
+    assert health.errors_total == 1_100
+    assert health.consecutive_failures == 1_100
+    assert not health.up
+
+
+async def test_ticks_during_an_overrunning_run_return_at_once() -> None:
+    source, store = Scripted(), Store()
+    source.release.clear()
+    runner = SourceRunner(source, store)
+    slow = asyncio.create_task(runner.run_once())
+    await asyncio.sleep(0)
+    for _ in range(3):
+        await asyncio.wait_for(runner.run_once(), 1)  # does not queue behind the slow run
+    assert (source.started, runner.overruns) == (1, 3)
+    source.release.set()
+    await slow
+    assert store.health(runner.key).up
+    await runner.run_once()
+    assert source.started == 2
+
+
+async def test_stop_cancels_the_run_in_flight_and_later_ticks_do_nothing() -> None:
+    source, store = Scripted(), Store()
+    source.release.clear()
+    runner = SourceRunner(source, store)
+    hung = asyncio.create_task(runner.run_once())
+    await asyncio.sleep(0)
+    await asyncio.wait_for(runner.stop(), 1)
+    assert hung.done() and not hung.cancelled()  # returned quietly: no error for APScheduler
+    assert hung.exception() is None
+    await runner.run_once()
+    assert source.started == 1
