@@ -9,67 +9,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from exporter.config import IngestConfig
-from exporter.instrument.schema import NBUCKETS, SCHEMA_VERSION
 from exporter.sources.apps import AppsAggregator
+from tests.ingest_reports import Clock, pool_doc, report_doc
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-def hist(n: int = 0, total: float = 0.0) -> dict:
-    counts = [0] * NBUCKETS
-    counts[3] = n
-    return {"counts": counts, "sum": total}
-
-
-def pool_doc(
-    name: str = "default",
-    checkouts: int = 0,
-    timeouts: int = 0,
-    used: int = 0,
-    idle: int = 0,
-    pending: int = 0,
-    size: int | None = 5,
-    maximum: int | None = 15,
-    overflow: int = 0,
-) -> dict:
-    return {
-        "pool": name,
-        "kind": "QueuePool",
-        "used": used,
-        "idle": idle,
-        "pending": pending,
-        "size": size,
-        "max": maximum,
-        "checkouts": checkouts,
-        "timeouts": timeouts,
-        "closed": {"recycle": 0, "invalidated": 0, "overflow": overflow, "other": 0},
-        "wait": hist(checkouts, checkouts * 0.001),
-        "use": hist(checkouts, checkouts * 0.01),
-        "create": hist(1, 0.003),
-        "query": hist(checkouts, checkouts * 0.002),
-    }
-
-
-def report(
-    app: str = "orders", proc: str = "h:1:1", seq: int = 1, pools: list | None = None, **extra
-) -> bytes:
-    doc = {
-        "version": SCHEMA_VERSION,
-        "app": app,
-        "process": {"id": proc, "host": "h", "pid": 1, "started": 1.0},
-        "seq": seq,
-        "interval": 5.0,
-        "sent_at": 1.0,
-        "pools": pools if pools is not None else [pool_doc()],
-        **extra,
-    }
-    return json.dumps(doc).encode()
+def report(**fields) -> bytes:
+    """A report (tests.ingest_reports.report_doc) as pushed: JSON bytes."""
+    return json.dumps(report_doc(**fields)).encode()
 
 
 def values(agg: AppsAggregator) -> dict[tuple, float]:

@@ -25,57 +25,21 @@ from hypothesis import strategies as st
 
 from exporter import metrics as m
 from exporter.config import IngestConfig
-from exporter.instrument.schema import NBUCKETS, SCHEMA_VERSION
+from exporter.instrument.schema import NBUCKETS
 from exporter.sources.apps import AppsAggregator
 from tests.helpers import run_daemon
+from tests.ingest_reports import Clock, pool_doc, report_doc
 
 OK_STATUSES = {200, 400, 401, 404, 408, 413, 415, 429, 503}
 TOKEN = "fuzz-ingest-token-123"
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-def hist(n: int = 0, total: float = 0.0) -> dict:
-    counts = [0] * NBUCKETS
-    counts[4] = n
-    return {"counts": counts, "sum": total}
-
-
 def pool(name: str = "default", n: int = 10) -> dict:
-    return {
-        "pool": name,
-        "kind": "QueuePool",
-        "used": 1,
-        "idle": 2,
-        "pending": 0,
-        "size": 5,
-        "max": 15,
-        "checkouts": n,
-        "timeouts": 0,
-        "closed": {"recycle": 0, "invalidated": 0, "overflow": 0, "other": 0},
-        "wait": hist(n, n * 0.001),
-        "use": hist(n, n * 0.01),
-        "create": hist(1, 0.003),
-        "query": hist(n, n * 0.002),
-    }
+    return pool_doc(name, checkouts=n, used=1, idle=2, bucket=4)
 
 
 def report(app: str = "orders", proc: str = "h:1:1", seq: int = 1, pools=None) -> dict:
-    return {
-        "version": SCHEMA_VERSION,
-        "app": app,
-        "process": {"id": proc, "host": "h", "pid": 1, "started": 1.0},
-        "seq": seq,
-        "interval": 5.0,
-        "sent_at": 1.0,
-        "pools": pools if pools is not None else [pool()],
-    }
+    return report_doc(app, proc, seq, pools if pools is not None else [pool()])
 
 
 def aggregates(agg: AppsAggregator) -> list:
