@@ -7,24 +7,16 @@ the snapshot is first scraped, and kept while the snapshot lives; a scrape then 
 cached text under one HELP/TYPE header per family. Only the small snapshots that changed since
 the last scrape (activity, health) are formatted again.
 
-OpenMetrics, asked for far less often, goes through client_python's custom-collector path
-(`collect()` yields fresh families built from the store; no mutable global metrics).
+Both formats share that cache: Prometheus asks for OpenMetrics first by default, and the
+sample lines of the two formats are the same. Only the headers differ (an OpenMetrics counter
+family is named without `_total`) and OpenMetrics ends with `# EOF`.
 """
 
 from __future__ import annotations
 
 import gzip
 import math
-from collections.abc import Iterable, Iterator
-
-from prometheus_client import CollectorRegistry
-from prometheus_client.core import (
-    CounterMetricFamily,
-    GaugeMetricFamily,
-    HistogramMetricFamily,
-    Metric,
-)
-from prometheus_client.openmetrics import exposition as openmetrics_exposition
+from collections.abc import Iterable
 
 from exporter import __version__
 from exporter import metrics as m
@@ -46,13 +38,17 @@ def _escape_label(value: str) -> str:
     return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
 
 
-def _escape_help(text: str) -> str:
-    return text.replace("\\", "\\\\").replace("\n", "\\n")
+def _escape_help(text: str, openmetrics: bool) -> str:
+    text = text.replace("\\", "\\\\").replace("\n", "\\n")
+    return text.replace('"', '\\"') if openmetrics else text
 
 
-def _header(spec: MetricSpec) -> str:
-    kind = spec.kind
-    return f"# HELP {spec.name} {_escape_help(spec.help)}\n# TYPE {spec.name} {kind}\n"
+def _header(spec: MetricSpec, openmetrics: bool) -> str:
+    family = spec.name
+    if openmetrics and spec.kind == "counter":
+        family = family.removesuffix("_total")  # samples keep the suffix
+    help_text = _escape_help(spec.help, openmetrics)
+    return f"# HELP {family} {help_text}\n# TYPE {family} {spec.kind}\n"
 
 
 def _label_text(names: Iterable[str], values: Iterable[str]) -> str:
@@ -108,59 +104,9 @@ def daemon_samples(store: Store) -> list[Sample]:
     return samples
 
 
-class StoreCollector:
-    """client_python custom collector over the store (used for OpenMetrics)."""
-
-    def __init__(self, store: Store) -> None:
-        self.store = store
-
-    def describe(self) -> list[Metric]:
-        return []  # unchecked collector: families depend on what the store holds
-
-    def collect(self) -> Iterator[Metric]:
-        families: dict[str, Metric] = {}
-        groups: list[tuple[Scope, Iterable[Sample]]] = [((), daemon_samples(self.store))]
-        groups += [(snap.scope, snap.samples) for _, snap in self.store.snapshots()]
-        for scope, samples in groups:
-            scope_names = [n for n, _ in scope]
-            scope_values = [v for _, v in scope]
-            for s in samples:
-                spec = s.spec
-                fam = families.get(spec.name)
-                if fam is None:
-                    fam = families[spec.name] = _family(spec)
-                labels = dict(zip(scope_names, scope_values, strict=True))
-                labels.update(zip(spec.labels, s.labels, strict=True))
-                _add(fam, spec, labels, s.value)
-        yield from families.values()
-
-
-def _family(spec: MetricSpec) -> Metric:
-    if spec.kind == "counter":
-        return CounterMetricFamily(spec.name.removesuffix("_total"), spec.help)
-    if spec.kind == "histogram":
-        return HistogramMetricFamily(spec.name, spec.help)
-    return GaugeMetricFamily(spec.name, spec.help)
-
-
-def _add(
-    fam: Metric, spec: MetricSpec, labels: dict[str, str], value: float | HistogramValue
-) -> None:
-    name = spec.name
-    if isinstance(value, HistogramValue):
-        for bound, count in value.buckets:
-            fam.add_sample(f"{name}_bucket", {**labels, "le": format_value(bound)}, count)
-        fam.add_sample(f"{name}_count", labels, value.count)
-        fam.add_sample(f"{name}_sum", labels, value.sum)
-    else:
-        fam.add_sample(name, labels, value)
-
-
 class Renderer:
     def __init__(self, store: Store) -> None:
         self.store = store
-        self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(StoreCollector(store))
         # id(snapshot) -> (snapshot, rendered text by name); the snapshot is kept in the
         # tuple so its id cannot be reused while the entry exists.
         self._by_snapshot: dict[int, tuple[Snapshot, dict[str, str]]] = {}
@@ -178,14 +124,12 @@ class Renderer:
             return last[1]
         if gzipped:
             body = gzip.compress(self.render(openmetrics), compresslevel=1, mtime=0)
-        elif openmetrics:
-            body = openmetrics_exposition.generate_latest(self.registry)
         else:
-            body = self._render_text()
+            body = self._render(openmetrics)
         self._last[(openmetrics, gzipped)] = (version, body)
         return body
 
-    def _render_text(self) -> bytes:
+    def _render(self, openmetrics: bool) -> bytes:
         texts: dict[str, list[str]] = {}
         for name, text in render_samples(daemon_samples(self.store), ()).items():
             texts.setdefault(name, []).append(text)
@@ -200,6 +144,8 @@ class Renderer:
         self._by_snapshot = live  # snapshots replaced since the last scrape are dropped
         parts: list[str] = []
         for name, chunks in texts.items():
-            parts.append(_header(m.CATALOGUE[name]))
+            parts.append(_header(m.CATALOGUE[name], openmetrics))
             parts.extend(chunks)
+        if openmetrics:
+            parts.append("# EOF\n")
         return "".join(parts).encode()

@@ -5,6 +5,9 @@ from __future__ import annotations
 import json
 import logging
 
+from prometheus_client.openmetrics.parser import (
+    text_string_to_metric_families as openmetrics_families,
+)
 from prometheus_client.parser import text_string_to_metric_families
 
 from exporter import metrics as m
@@ -106,3 +109,37 @@ def test_renderer_merges_targets_and_renders_histograms_and_caches():
     assert renderer.render() is renderer.render()  # cached while the store is unchanged
     store.touch()
     assert renderer.render() == text.encode()  # re-rendered, same content
+
+
+def test_openmetrics_has_the_same_samples_as_the_text_format():
+    """Prometheus asks for OpenMetrics first: the fast path must be valid OpenMetrics (the
+    strict client_python parser) with exactly the samples of the text format."""
+    store = Store()
+    hostile = 'say "hi"\\ \n naïve'
+    store.publish(
+        ("activity", "a"),
+        [
+            Sample(m.ACTIVITY_SAMPLES, (), 3.0),
+            Sample(m.ACTIVE_SESSION_SECONDS, ("db", "CPU", "CPU"), 1.5),
+            Sample(m.SESSIONS, ("db", hostile), 2.0),
+        ],
+        (("target", "a"),),
+    )
+    hist = HistogramValue(((0.1, 1.0), (1.0, 3.0), (float("inf"), 4.0)), 2.5, 4.0)
+    store.publish(("apps", ""), [Sample(m.POOL_WAIT_SECONDS, ("shop", "default"), hist)])
+    renderer = Renderer(store)
+    om = renderer.render(openmetrics=True).decode()
+    assert om.endswith("# EOF\n")
+
+    def samples(families):
+        return sorted(
+            (s.name, tuple(sorted(s.labels.items())), s.value) for f in families for s in f.samples
+        )
+
+    om_families = list(openmetrics_families(om))
+    text_families = list(text_string_to_metric_families(renderer.render().decode()))
+    assert samples(om_families) == samples(text_families)
+    kinds = {f.name: f.type for f in om_families}
+    assert kinds["pg_activity_samples"] == "counter"
+    assert kinds["sqlalchemy_pool_wait_seconds"] == "histogram"
+    assert any(s.labels.get("state") == hostile for f in om_families for s in f.samples)
