@@ -34,8 +34,9 @@ def _ts(record: logging.LogRecord) -> str:
 
 def _logfmt_value(value: object) -> str:
     s = str(value)
-    if s == "" or any(c in s for c in ' ="\n\t'):
-        return '"' + s.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+    if s == "" or any(c in s for c in ' ="\n\r\t'):
+        escaped = s.replace("\\", "\\\\").replace('"', '\\"')
+        return '"' + escaped.replace("\n", "\\n").replace("\r", "\\r") + '"'
     return s
 
 

@@ -41,7 +41,11 @@ def redact_dsn(dsn: str) -> str:
 
 class RedactingFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
-        record.msg = redact(record.getMessage())
+        try:
+            message = record.getMessage()
+        except Exception:  # bad %-args from a library: logging reports those, we must not raise
+            message = f"{record.msg} {record.args!r}"
+        record.msg = redact(message)
         record.args = None
         fields = getattr(record, "fields", None)
         if fields:

@@ -7,9 +7,11 @@ milliseconds while the database is down, which is when people look.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import html
 import time
 from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
 
 from aiohttp import web
 
@@ -123,6 +125,18 @@ async def pinning_risk(request: web.Request) -> web.Response:
     return web.json_response({"targets": daemon.pinning_offenders()})
 
 
+def _where(dsn: str) -> str:
+    """host:port/db of a DSN for the landing page; never the user or password. Multi-host
+    DSNs (`h1:5432,h2:5432`) and ports urllib cannot parse are shown as written."""
+    parts = urlsplit(dsn)
+    hosts = parts.netloc.rpartition("@")[2] or "localhost"
+    if "," not in hosts:
+        # an out-of-range port is shown as written: asyncpg says so in the source's error
+        with contextlib.suppress(ValueError):
+            hosts = f"{parts.hostname or 'localhost'}:{parts.port or 5432}"
+    return f"{hosts}{parts.path or ''}"
+
+
 def _ago(ts: float | None) -> str:
     if ts is None:
         return "never"
@@ -135,8 +149,6 @@ async def landing(request: web.Request) -> web.Response:
     Never shows a secret: DSNs are reduced to host:port/dbname, and every string that reaches
     the page goes through `secrets.redact` and HTML escaping.
     """
-    from urllib.parse import urlsplit
-
     from exporter.secrets import redact
 
     daemon = request.app[DAEMON]
@@ -168,8 +180,7 @@ async def landing(request: web.Request) -> web.Response:
     sources = daemon.status()["sources"]
     sections = []
     for db in daemon.config.databases:
-        parts = urlsplit(db.dsn)
-        where = f"{parts.hostname or 'localhost'}:{parts.port or 5432}{parts.path or ''}"
+        where = _where(db.dsn)
         vcpus = f", {db.vcpus:g} vCPUs" if db.vcpus else ""
         rows = "".join(source_row(s) for s in sources if s["target"] == db.name)
         sections.append(

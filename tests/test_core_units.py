@@ -18,6 +18,7 @@ from exporter.render import Renderer
 from exporter.secrets import RedactingFilter, redact, register
 from exporter.sources.database import StatementDeltas
 from exporter.store import Store
+from exporter.web import _where
 
 
 def test_capped_counters_keep_top_k_and_fold_the_rest_into_other():
@@ -85,6 +86,27 @@ def test_logfmt_and_json_formats_quote_and_redact():
     assert 'err="bad ***"' in line and "n=2" in line
     doc = json.loads(JsonFormatter().format(_record("x", err="pw-canary-123")))
     assert doc["err"] == "***" and doc["level"] == "warn"
+
+
+def test_a_forged_line_break_stays_inside_one_logfmt_line():
+    line = LogfmtFormatter().format(_record("x", err="a\rlevel=error msg=forged\nb"))
+    assert "\n" not in line and "\r" not in line
+    assert 'err="a\\rlevel=error msg=forged\\nb"' in line
+
+
+def test_redacting_filter_never_raises_on_a_library_s_bad_format_args():
+    register("pw-canary-456")
+    args = ("pw-canary-456",)  # one argument for two placeholders
+    record = logging.LogRecord("lib", logging.WARNING, __file__, 1, "%s %s", args, None)
+    assert RedactingFilter().filter(record)  # getMessage() raises TypeError here
+    assert "pw-canary-456" not in record.getMessage()
+
+
+def test_landing_page_location_of_a_dsn():
+    assert _where("postgresql://u:pw@db.internal:6432/app") == "db.internal:6432/app"
+    assert _where("postgresql://u@h1:5432,h2:5433/app") == "h1:5432,h2:5433/app"  # multi-host
+    assert _where("postgresql://u@h:99999/app") == "h:99999/app"  # urllib refuses the port
+    assert _where("postgresql:///app") == "localhost:5432/app"
 
 
 def test_renderer_merges_targets_and_renders_histograms_and_caches():
