@@ -8,8 +8,9 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
@@ -111,6 +112,22 @@ databases:
 {extra}
 ingest: {{enabled: false}}
 """
+
+
+def slowest_scrape_while(
+    threads: list[threading.Thread], scrape: Callable[[], requests.Response]
+) -> float:
+    """Start `threads`; until all have finished, `scrape()` every 50 ms, each answer a 200.
+    Returns the slowest scrape, in seconds."""
+    for t in threads:
+        t.start()
+    worst = 0.0
+    while any(t.is_alive() for t in threads):
+        t0 = time.perf_counter()
+        assert scrape().status_code == 200
+        worst = max(worst, time.perf_counter() - t0)
+        time.sleep(0.05)
+    return worst
 
 
 Daemon = TypeVar("Daemon", bound=DaemonProcess)

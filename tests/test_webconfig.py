@@ -10,6 +10,7 @@ import subprocess
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import bcrypt
@@ -21,7 +22,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from exporter.webconfig import WebConfigError, parse_web_config
-from tests.helpers import free_port, run_daemon
+from tests.helpers import free_port, logged_process, run_daemon, slowest_scrape_while
 
 PASSWORD = "scrape-s3cret-pw"
 # Cost 12 (~0.2 s a check): slow enough that an uncached check per request would show.
@@ -263,8 +264,6 @@ def test_bcrypt_results_are_cached_and_guessing_does_not_stall_scrapes(secured, 
     assert elapsed < 20 * bcrypt_cost / 2
 
     # 12 distinct wrong guesses at once (each a real bcrypt check): scrapes keep answering.
-    stop = threading.Event()
-
     def guess(i: int) -> None:
         with contextlib.suppress(requests.RequestException):
             requests.get(
@@ -272,15 +271,9 @@ def test_bcrypt_results_are_cached_and_guessing_does_not_stall_scrapes(secured, 
             )
 
     threads = [threading.Thread(target=guess, args=(i,)) for i in range(12)]
-    for t in threads:
-        t.start()
-    worst = 0.0
-    while any(t.is_alive() for t in threads):
-        t0 = time.perf_counter()
-        assert session.get(secured.https + "/metrics", verify=ca, timeout=5).status_code == 200
-        worst = max(worst, time.perf_counter() - t0)
-        time.sleep(0.05)
-    stop.set()
+    worst = slowest_scrape_while(
+        threads, lambda: session.get(secured.https + "/metrics", verify=ca, timeout=5)
+    )
     print(f"worst cached scrape while 12 guesses were checked: {worst * 1000:.0f} ms")
     assert worst < max(0.5, bcrypt_cost * 2)
 
@@ -303,11 +296,12 @@ def test_certificate_rotation_without_restart(pki: Pki) -> None:
         assert "web config reloaded" in d.log()
 
 
-def test_client_certificates_required_and_verified(pki: Pki) -> None:
-    cert, key, _ = pki.leaf("mtls-server")
-    client_cert, client_key, _ = pki.leaf("scraper", client=True)
-    other = Pki(Path(tempfile.mkdtemp(prefix="other-ca-")))
-    rogue_cert, rogue_key, _ = other.leaf("scraper", client=True)
+@contextlib.contextmanager
+def mtls_daemon(pki: Pki, server: str, client: str) -> Iterator[tuple[str, tuple[str, str]]]:
+    """The daemon requiring client certificates signed by `pki` with the SAN `scraper`;
+    yields its HTTPS URL and (cert, key) of a client certificate named `client`."""
+    cert, key, _ = pki.leaf(server)
+    client_cert, client_key, _ = pki.leaf(client, client=True)
     web_yaml = f"""
 tls_server_config:
   cert_file: {cert}
@@ -317,8 +311,14 @@ tls_server_config:
   client_allowed_sans: [scraper]
 """
     with https_daemon(web_yaml, pki.root) as d:
-        client = (str(client_cert), str(client_key))
-        url = wait_https(d, pki, cert=client)
+        client_files = (str(client_cert), str(client_key))
+        yield wait_https(d, pki, cert=client_files), client_files
+
+
+def test_client_certificates_required_and_verified(pki: Pki) -> None:
+    other = Pki(Path(tempfile.mkdtemp(prefix="other-ca-")))
+    rogue_cert, rogue_key, _ = other.leaf("scraper", client=True)
+    with mtls_daemon(pki, "mtls-server", client="scraper") as (url, client):
         ok = requests.get(url + "/metrics", verify=str(pki.ca_file), cert=client, timeout=5)
         assert ok.status_code == 200
         with pytest.raises(requests.exceptions.ConnectionError):
@@ -333,19 +333,7 @@ tls_server_config:
 
 
 def test_client_san_not_allowed_is_forbidden(pki: Pki) -> None:
-    cert, key, _ = pki.leaf("san-server")
-    client_cert, client_key, _ = pki.leaf("intruder", client=True)
-    web_yaml = f"""
-tls_server_config:
-  cert_file: {cert}
-  key_file: {key}
-  client_auth_type: RequireAndVerifyClientCert
-  client_ca_file: {pki.ca_file}
-  client_allowed_sans: [scraper]
-"""
-    with https_daemon(web_yaml, pki.root) as d:
-        client = (str(client_cert), str(client_key))
-        url = wait_https(d, pki, cert=client)
+    with mtls_daemon(pki, "san-server", client="intruder") as (url, client):
         response = requests.get(url + "/metrics", verify=str(pki.ca_file), cert=client, timeout=5)
         assert response.status_code == 403
 
@@ -373,18 +361,13 @@ scrape_configs:
     static_configs: [{{targets: ["{target}"]}}]
 """)
     port = free_port()
-    log_file = open(tmp_path / "prometheus.log", "w")  # noqa: SIM115 - closed below
-    prom = subprocess.Popen(
-        [
-            PROMETHEUS,
-            f"--config.file={tmp_path / 'prometheus.yml'}",
-            f"--storage.tsdb.path={tmp_path / 'data'}",
-            f"--web.listen-address=127.0.0.1:{port}",
-        ],
-        stdout=log_file,
-        stderr=subprocess.STDOUT,
-    )
-    try:
+    cmd = [
+        PROMETHEUS,
+        f"--config.file={tmp_path / 'prometheus.yml'}",
+        f"--storage.tsdb.path={tmp_path / 'data'}",
+        f"--web.listen-address=127.0.0.1:{port}",
+    ]
+    with logged_process(cmd, tmp_path / "prometheus.log", stop_timeout=10):
         deadline = time.monotonic() + 30
         health: dict[str, tuple[str, str]] = {}
         while time.monotonic() < deadline:
@@ -415,7 +398,3 @@ scrape_configs:
                 timeout=5,
             ).json()
         assert query["data"]["result"], query
-    finally:
-        prom.terminate()
-        prom.wait(10)
-        log_file.close()
