@@ -152,7 +152,7 @@ class Clients:
         with self._lock:
             renew = self.config.role_arn and self._role_expires - self.clock() < 600
             if renew:
-                self._clients.clear()
+                self._close_all()
             if not self._clients:
                 session = self._session()
                 for name in self.SERVICES:
@@ -168,11 +168,17 @@ class Clients:
 
     def reset(self) -> None:
         with self._lock:
-            for client in self._clients.values():
-                close = getattr(client, "close", None)
-                if close is not None:
-                    close()  # release the connection pool of the clients we drop
-            self._clients.clear()
+            self._close_all()
+
+    def _close_all(self) -> None:
+        """Drop the clients, closing each so its connection pool is released (the lock is
+        held): on `reset()` and on every role renewal, which would otherwise leak one pool
+        per service each time the role is renewed."""
+        for client in self._clients.values():
+            close = getattr(client, "close", None)
+            if close is not None:
+                close()
+        self._clients.clear()
 
     def call(self, service: str, method: str, expect: str, **kwargs: Any) -> dict:
         """One API call. `expect` is a key every well-formed answer has: botocore turns an

@@ -3,6 +3,7 @@ HTTP proxy that counts requests per API operation and injects faults (tests/aws_
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -524,20 +525,47 @@ async def test_expired_credentials_rebuild_the_clients(aws, fault_proxy) -> None
 
 async def test_assumes_the_configured_role_once(aws, fault_proxy) -> None:
     build_world(aws)
-    config = AwsConfig(
-        region=REGION,
-        endpoint_url=fault_proxy.url,
-        access_key_id=KEY_ID,
-        secret_access_key=SECRET,
-        role_arn="arn:aws:iam::123456789012:role/pgpressure-reader",
-        rds_proxy={"enabled": True, "delay": DELAY},
-    )
-    source = RdsProxySource(config, clock=Clock(T0), log_call_spacing=0)
+    source = RdsProxySource(role_config(fault_proxy.url), clock=Clock(T0), log_call_spacing=0)
     for _ in range(2):
         samples = list(await source.sample())
     assert fault_proxy.calls["AssumeRole"] == 1
     assert gauges(samples, ("orders-proxy", "", ""))["rds_proxy_database_connections"] == 7.0
     assert source.status()["assume_role"] is True
+
+
+def role_config(url: str) -> AwsConfig:
+    return AwsConfig(
+        region=REGION,
+        endpoint_url=url,
+        access_key_id=KEY_ID,
+        secret_access_key=SECRET,
+        role_arn="arn:aws:iam::123456789012:role/pgpressure-reader",
+        rds_proxy={"enabled": True, "delay": DELAY},
+    )
+
+
+async def test_role_renewal_closes_the_clients_it_replaces(aws, fault_proxy) -> None:
+    build_world(aws)
+    clock = Clock(T0)
+    source = RdsProxySource(role_config(fault_proxy.url), clock=clock, log_call_spacing=0)
+    await source.sample()
+    assert fault_proxy.calls["AssumeRole"] == 1
+    old = dict(source._clients._clients)
+    closed: list[str] = []
+    for name, client in old.items():
+        client.close = functools.partial(_record_close, client.close, closed, name)
+
+    source._clients._role_expires = clock.now + 300  # inside the ten-minute renewal margin
+    await source.sample()
+
+    assert fault_proxy.calls["AssumeRole"] == 2
+    assert sorted(closed) == sorted(old)  # every dropped client released its connections
+    assert all(source._clients._clients[n] is not c for n, c in old.items())
+
+
+def _record_close(close, closed: list[str], name: str) -> None:
+    closed.append(name)
+    close()
 
 
 async def test_log_reading_is_bounded_per_poll(aws, fault_proxy) -> None:
