@@ -25,7 +25,14 @@ log = logging.getLogger("pgpressure.pg")
 
 
 class TargetUnavailable(Exception):
-    """The target could not be reached or the query failed; the message is redacted."""
+    """The target could not be reached or the query failed; the message is redacted.
+
+    `sqlstate` is the server's error code when the server refused the query, so a caller
+    can tell "this view is unusable here" from "the database is down"."""
+
+    def __init__(self, message: str, sqlstate: str | None = None) -> None:
+        super().__init__(message)
+        self.sqlstate = sqlstate
 
 
 def _ms(seconds: float) -> str:
@@ -37,6 +44,7 @@ class TargetConnection:
         self.config = config
         self._conn: asyncpg.Connection | None = None
         self._lock = asyncio.Lock()
+        self._closed = False
         self.backend_pid: int | None = None
 
     @property
@@ -70,6 +78,8 @@ class TargetConnection:
         """Run one read-only query; reconnect lazily, drop the connection on any failure."""
         deadline = self.config.statement_timeout + self.config.connect_timeout + 1.0
         async with self._lock:
+            if self._closed:  # a run that was waiting for the lock at shutdown
+                raise TargetUnavailable("the exporter is shutting down")
             try:
                 async with asyncio.timeout(deadline):
                     if self._conn is None or self._conn.is_closed():
@@ -83,7 +93,8 @@ class TargetConnection:
                 # session unless the server ended it.
                 if self._conn is not None and self._conn.is_closed():
                     await self._drop()
-                raise TargetUnavailable(redact(str(exc) or type(exc).__name__)) from None
+                message = redact(str(exc) or type(exc).__name__)
+                raise TargetUnavailable(message, getattr(exc, "sqlstate", None)) from None
             except (OSError, asyncpg.InterfaceError, TimeoutError) as exc:
                 await self._drop()
                 reason = "timed out" if isinstance(exc, TimeoutError) else str(exc)
@@ -96,6 +107,7 @@ class TargetConnection:
             conn.terminate()
 
     async def close(self) -> None:
+        self._closed = True
         conn, self._conn = self._conn, None
         if conn is not None:
             with contextlib.suppress(Exception):

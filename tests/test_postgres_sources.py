@@ -330,3 +330,19 @@ def test_hanging_source_query_is_cut_by_server_timeouts(own_cluster):
                 locker.rollback()
             locker.close()
         d.wait_for(lambda: d.value("pgpressure_source_up", source="activity") == 1)
+
+
+def test_pg_stat_statements_created_but_not_preloaded_keeps_the_rest_exported():
+    """CREATE EXTENSION works without shared_preload_libraries, reading it then fails with
+    SQLSTATE 55000: the database source says so once and keeps the temp-file metrics."""
+    with Cluster(settings={"shared_preload_libraries": "''"}) as cluster:
+        cluster.psql("CREATE EXTENSION pg_stat_statements")
+        with run_daemon(daemon_config(cluster.dsn(), pinning=True)) as d:
+            d.wait_for(lambda: d.value("pgpressure_source_up", source="database") == 1)
+            assert d.value("pg_stat_statements_available") == 0
+            assert d.value("pg_temp_bytes_total", datname="postgres") is not None
+            assert d.value("pg_work_mem_bytes") is not None
+            time.sleep(2.5)  # more samples: still up, and said once
+            assert d.value("pgpressure_source_errors_total", source="database") == 0
+            assert d.log().count("pg_stat_statements cannot be read") == 1
+            assert "shared_preload_libraries" in d.log()

@@ -3,8 +3,9 @@
 Temp bytes are the tell-tale of a work_mem too small for the sorts and hashes the app runs;
 pg_stat_database says that it happens, pg_stat_statements says which statement does it.
 Statements are exported as counters for the top-N by growth since the previous sample
-(plus `other`), keyed by queryid; query text is never a label. Without pg_stat_statements the
-source says so once and keeps exporting the rest.
+(plus `other`), keyed by queryid; query text is never a label. Without pg_stat_statements,
+or with one that cannot be read (created but not preloaded, an old version's columns, no
+permission), the source says so once and keeps exporting the rest.
 """
 
 from __future__ import annotations
@@ -17,11 +18,16 @@ from exporter.cardinality import CappedCounters, LabelCap
 from exporter.config import DatabaseConfig
 from exporter.logs import kv
 from exporter.metrics import Sample
-from exporter.pg import TargetConnection
+from exporter.pg import TargetConnection, TargetUnavailable
 from exporter.sources.base import Source
 from exporter.sources.pinning_risk import PinningRisk
 
 log = logging.getLogger("pgpressure.database")
+
+#: SQLSTATEs that mean "pg_stat_statements exists but cannot be read here": not loaded by
+#: shared_preload_libraries (55000), columns of another version (42703), not on the
+#: search_path (42P01, 42883), no permission (42501). Anything else is a real failure.
+STATEMENTS_UNUSABLE = frozenset({"55000", "42703", "42P01", "42883", "42501"})
 
 DATABASES = """
 SELECT datname, temp_bytes, temp_files,
@@ -101,17 +107,30 @@ class DatabaseSource(Source):
         samples += [Sample(m.TEMP_BYTES, (db,), v) for db, v in temp_bytes.items()]
         samples += [Sample(m.TEMP_FILES, (db,), v) for db, v in temp_files.items()]
         if self.config.statements.enabled:
-            self._note_statements(has_statements)
-            samples.append(Sample(m.STATEMENTS_AVAILABLE, (), float(has_statements)))
+            unusable = ""
             if has_statements:
-                samples += await self._statements()
-                if self.pinning is not None:
-                    samples += await self.pinning.sample(self.conn.fetch)
+                try:
+                    statement_samples = await self._statements()
+                    if self.pinning is not None:
+                        statement_samples += await self.pinning.sample(self.conn.fetch)
+                    samples += statement_samples
+                except TargetUnavailable as exc:
+                    if exc.sqlstate not in STATEMENTS_UNUSABLE:
+                        raise
+                    has_statements, unusable = False, str(exc)
+            self._note_statements(has_statements, unusable)
+            samples.append(Sample(m.STATEMENTS_AVAILABLE, (), float(has_statements)))
         return samples
 
-    def _note_statements(self, available: bool) -> None:
+    def _note_statements(self, available: bool, error: str = "") -> None:
         if available != self._statements_available:
-            if not available:
+            if error:
+                log.warning(
+                    "pg_stat_statements cannot be read; statement metrics are off until it "
+                    "can (is it in shared_preload_libraries?)",
+                    extra=kv(target=self.target, err=error),
+                )
+            elif not available:
                 log.warning(
                     "pg_stat_statements is not installed in the target database; statement "
                     "metrics are off until it is (CREATE EXTENSION pg_stat_statements)",
