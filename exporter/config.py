@@ -8,8 +8,11 @@ registered with `exporter.secrets` so logs and errors can never show it.
 
 from __future__ import annotations
 
+import errno
+import math
 import os
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 from urllib.parse import unquote, urlsplit
@@ -49,8 +52,8 @@ def parse_duration(value: Any) -> float:
                 f"invalid duration {value!r}: use 500ms, 1s, 2m, 1h or a number of seconds"
             )
         seconds = float(match.group(1)) * _UNITS[match.group(2)]
-    if seconds <= 0:
-        raise ValueError("duration must be greater than zero")
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise ValueError("duration must be a finite number greater than zero")
     return seconds
 
 
@@ -122,9 +125,19 @@ class IngestConfig(_Strict):
             secrets.register(token)
         return token or None
 
+    @model_validator(mode="after")
+    def _one_token_source(self) -> IngestConfig:
+        if self.token and self.token_file is not None:
+            raise ValueError("set token or token_file, not both")
+        return self
+
     def bearer_token(self) -> str | None:
+        """The token pushes must carry, or None when ingest is open. With `token_file` an
+        empty or unreadable file raises: it must never silently open the endpoint."""
         if self.token_file is not None:
             value = self.token_file.read_text().strip()
+            if not value:
+                raise OSError(errno.ENODATA, "the file is empty")
             secrets.register(value)
             return value
         return self.token
@@ -271,9 +284,13 @@ def parse(text: str, source: str = "<config>") -> Config:
 def load(path: str | Path) -> Config:
     path = Path(path)
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"cannot read config file {path}: not UTF-8 text (byte {exc.start})"
+        ) from None
     config = parse(text, str(path))
     check_files(config, str(path))
     return config
@@ -283,18 +300,17 @@ def check_files(config: Config, source: str) -> None:
     """Secrets in files must be readable at start, not at the first 3 a.m. reconnect."""
     for i, db in enumerate(config.databases):
         if db.password_file is not None:
-            try:
-                db.password()
-            except OSError as exc:
-                raise ConfigError(
-                    f"{source}: databases[{i}].password_file: cannot read "
-                    f"{db.password_file}: {exc.strerror}"
-                ) from None
+            _check_file(db.password, f"{source}: databases[{i}].password_file", db.password_file)
     if config.ingest.token_file is not None:
-        try:
-            config.ingest.bearer_token()
-        except OSError as exc:
-            raise ConfigError(
-                f"{source}: ingest.token_file: cannot read {config.ingest.token_file}: "
-                f"{exc.strerror}"
-            ) from None
+        _check_file(
+            config.ingest.bearer_token, f"{source}: ingest.token_file", config.ingest.token_file
+        )
+
+
+def _check_file(read: Callable[[], object], where: str, path: Path) -> None:
+    try:
+        read()
+    except OSError as exc:
+        raise ConfigError(f"{where}: cannot read {path}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{where}: cannot read {path}: not UTF-8 text") from None

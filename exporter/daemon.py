@@ -34,13 +34,13 @@ log = logging.getLogger("pgpressure.daemon")
 SHUTDOWN_GRACE = 1.5  # seconds; SIGTERM must end the process within 2 s
 
 
-def parse_listen_address(address: str) -> tuple[str, int]:
-    """`:9188`, `0.0.0.0:9188`, `[::1]:9188` -> (host, port)."""
+def parse_listen_address(address: str) -> tuple[str | None, int]:
+    """`:9188`, `0.0.0.0:9188`, `[::1]:9188` -> (host, port); host None means every
+    interface, IPv4 and IPv6, as the Prometheus exporters do with `:9188`."""
     host, sep, port = address.rpartition(":")
-    if not sep or not port.isdigit():
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
         raise ValueError(f"invalid --web.listen-address {address!r}: expected HOST:PORT")
-    host = host.strip("[]") or "0.0.0.0"
-    return host, int(port)
+    return host.strip("[]") or None, int(port)
 
 
 class Daemon:
@@ -129,7 +129,10 @@ class Daemon:
             self.bound_port = server.sockets[0].getsockname()[1]
         log.info(
             "listening",
-            extra=kv(address=f"{host}:{self.bound_port or port}", tls=self.ssl_context is not None),
+            extra=kv(
+                address=f"{host or ''}:{self.bound_port or port}",
+                tls=self.ssl_context is not None,
+            ),
         )
 
         scheduler = AsyncIOScheduler(event_loop=loop)

@@ -39,7 +39,9 @@ def test_durations(text, seconds):
     assert parse_duration(text) == seconds
 
 
-@pytest.mark.parametrize("bad", ["1 fortnight", "-1s", "0", "s", True, "1.5.2s"])
+@pytest.mark.parametrize(
+    "bad", ["1 fortnight", "-1s", "0", "s", True, "1.5.2s", float("nan"), float("inf")]
+)
 def test_bad_durations_are_refused(bad):
     with pytest.raises(ValueError):
         parse_duration(bad)
@@ -123,7 +125,21 @@ def test_cli_bad_configs_exit_1_with_clear_message_and_no_password(tmp_path):
             f"databases:\n  - name: main\n    dsn: mysql://u:{CANARY}@h/db\n",
             "databases[0].dsn: dsn must be a postgresql:// URL",
         ),
+        "non-finite duration (YAML .nan)": (
+            "databases:\n  - name: main\n    dsn: postgresql://u@h/db\n"
+            "    activity: {interval: .nan}\n",
+            "databases[0].activity.interval: duration must be a finite number",
+        ),
+        "token and token_file": (
+            f"ingest:\n  token: {CANARY}\n  token_file: {tmp_path}/token\n",
+            "ingest: set token or token_file, not both",
+        ),
+        "empty token_file": (
+            f"ingest:\n  token_file: {tmp_path}/empty-token\n",
+            "ingest.token_file: cannot read",
+        ),
     }
+    (tmp_path / "empty-token").write_text("\n")
     for name, (text, expected) in cases.items():
         path = tmp_path / "config.yaml"
         path.write_text(text)
@@ -147,3 +163,20 @@ def test_missing_config_file_is_a_clear_error(tmp_path):
     result = run_cli("--config.file", str(tmp_path / "absent.yaml"))
     assert result.returncode == 1
     assert "cannot read config file" in result.stderr
+
+
+def test_a_config_file_that_is_not_utf8_is_a_clear_error(tmp_path):
+    path = tmp_path / "config.yaml"
+    path.write_bytes(b"databases: []\n# caf\xe9\n")
+    result = run_cli("check-config", "--config.file", str(path))
+    assert result.returncode == 1
+    assert "not UTF-8 text" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("address", [":70000", "host", ":-1", "h:port"])
+def test_a_bad_listen_address_is_a_clear_error(tmp_path, address):
+    path = tmp_path / "config.yaml"
+    path.write_text("databases: []\ningest: {enabled: false}\n")
+    result = run_cli("--config.file", str(path), "--web.listen-address", address)
+    assert result.returncode == 1
+    assert "invalid --web.listen-address" in result.stderr and "Traceback" not in result.stderr

@@ -217,14 +217,17 @@ class AppsAggregator(Source):
             try:
                 self._token = self.config.bearer_token()
                 self._token_read = now
-            except OSError:
+            except (OSError, UnicodeDecodeError):
                 pass  # keep the last token we could read
         return self._token
 
     def _check_token(self, authorization: str | None) -> None:
         expected = self._expected_token()
         if not expected:
-            return
+            if self.config.token_file is None:
+                return  # ingest configured open
+            # Fail closed: an emptied or unreadable token file must not open the endpoint.
+            raise Refused(401, "unauthorized", "the ingest token is not available")
         scheme, _, given = (authorization or "").partition(" ")
         if scheme.lower() != "bearer" or not hmac.compare_digest(
             given.strip().encode(), expected.encode()
