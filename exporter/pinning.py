@@ -115,7 +115,9 @@ class _Finder(Visitor):
 
     # -- settings ------------------------------------------------------------------------
     def visit_VariableSetStmt(self, ancestors, node: ast.VariableSetStmt) -> None:
-        if node.is_local:
+        if node.is_local or not isinstance(ancestors.node, ast.RawStmt):
+            # SET LOCAL, or the SET clause of ALTER ROLE/DATABASE/SYSTEM or of a function's
+            # definition: those change defaults stored elsewhere, not this session.
             return
         if node.kind == VariableSetKind.VAR_SET_MULTI and (node.name or "").lower() in (
             _TRANSACTION_SCOPED_SET
@@ -253,7 +255,7 @@ _LOG_RULES: tuple[tuple[tuple[str, ...], str], ...] = (
     ),
     (("parse message", "prepare"), PREPARED_STATEMENT),
     (("temporary", "temp table"), TEMPORARY_OBJECT),
-    (("advisory", "lock"), ADVISORY_LOCK),
+    (("advisory",), ADVISORY_LOCK),  # not "lock": it matches "blocked" and "clock"
     (("sequence", "nextval", "setval", "currval"), SEQUENCE),
     (("listen", "notification channel"), LISTEN),
     (("cursor",), CURSOR),

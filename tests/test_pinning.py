@@ -61,6 +61,12 @@ DOES_NOT_PIN = [
     "BEGIN",
     "COMMIT",
     "SELECT 'SET statement_timeout = 1' AS text_not_a_statement",
+    # SET clauses that store defaults elsewhere: they do not touch this session
+    "ALTER ROLE app SET search_path = app, public",
+    "ALTER DATABASE shop SET work_mem = '64MB'",
+    "ALTER SYSTEM SET work_mem = '64MB'",
+    "CREATE FUNCTION f() RETURNS int LANGUAGE sql SET search_path = app AS 'SELECT 1'",
+    "ALTER FUNCTION f() SET search_path = app",
 ]
 
 
@@ -198,6 +204,32 @@ async def test_counts_never_decrease_across_resets_and_evictions(pg, fresh_db) -
         await monitor.close()
 
 
+async def test_statements_classified_late_add_only_their_growth(pg, fresh_db, monkeypatch):
+    """Texts are fetched for a bounded number of new statements per sample. One classified a
+    few samples late must add the calls it grew by since it was first seen, not its whole
+    lifetime in one step, which would be a fake spike in a series that already exists."""
+    monkeypatch.setattr("exporter.sources.pinning_risk.MAX_NEW_PER_SAMPLE", 1)
+    pg.psql("CREATE SEQUENCE pin_seq", dbname=fresh_db)
+    monitor = await asyncpg.connect(pg.dsn(dbname=fresh_db))
+    app = await asyncpg.connect(pg.dsn(dbname=fresh_db))
+    try:
+        await monitor.fetch("SELECT $1::bigint[]", [1])  # see the workload test
+        await monitor.execute("SELECT pg_stat_statements_reset()")
+        risk = PinningRisk()
+        await _run_workload(app, 3)
+        series = [_by_reason(await risk.sample(monitor.fetch), fresh_db) for _ in range(25)]
+        # One statement is classified per sample. Whatever the first sample counted, the
+        # totals must not move while the app is idle and the rest are classified.
+        assert all(s == series[0] for s in series), series
+        # ...and new calls are counted exactly once they happen.
+        more = await _run_workload(app, 2)
+        grown = _by_reason(await risk.sample(monitor.fetch), fresh_db)
+        assert {r: grown[r] - series[-1].get(r, 0.0) for r in more} == more
+    finally:
+        await app.close()
+        await monitor.close()
+
+
 # --- the proxy's log lines -----------------------------------------------------------------
 
 _LINE = (
@@ -225,6 +257,7 @@ LOG_LINES = {
     _LINE + "A temporary table was created.": "temporary_object",
     _LINE + "A cursor was declared.": "cursor",
     _LINE + "Something the proxy will say in a future version.": "other",
+    _LINE + "The session is blocked by the clock.": "other",  # "lock" alone is not a lock
     _LINE.removesuffix(" Reason: "): "other",
 }
 

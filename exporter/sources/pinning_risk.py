@@ -125,11 +125,15 @@ class PinningRisk:
         for row in rows:
             stmt_key = (int(row["dbid"]), int(row["queryid"]))
             stmt = self._statements.get(stmt_key)
-            if stmt is None:  # text not fetched yet (over the per-sample bound)
-                continue
             key = (int(row["userid"]), *stmt_key)
             seen.add(key)
             calls = float(row["calls"])
+            if stmt is None:
+                # Text not fetched yet (over the per-sample bound): keep its calls as the
+                # baseline, so that once classified it adds what it grew by, not its whole
+                # lifetime in one step (a fake spike in an existing series).
+                self._last_calls[key] = calls
+                continue
             prev = self._last_calls.get(key)
             # Fewer calls than before: the entry was evicted or reset and re-created, so all
             # of its calls are new. A first-seen entry counts from zero, like any counter.
