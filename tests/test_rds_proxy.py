@@ -376,10 +376,13 @@ async def test_implausible_datapoints_are_skipped_and_discovery_is_capped(
 ) -> None:
     build_world(aws)
     cw = aws["cloudwatch"]
-    # newer than the good datapoint, so only the filter keeps it from being exported (moto,
-    # like AWS, refuses NaN and infinities on input; the unit test below covers those)
-    _put(cw, "billing-proxy", "ClientConnections", [8.0], _at(90))
-    _put(cw, "billing-proxy", "ClientConnections", [-5.0], _at(30))
+    # The newest DatabaseConnections datapoint (the minute of 3.0 at _at(60)) sums to -2: only
+    # the filter keeps it, and the rest of its minute, from being exported; the minute before
+    # is (moto, like AWS, refuses NaN and infinities on input; the unit test below covers those).
+    _put(cw, "billing-proxy", "DatabaseConnections", [-5.0], _at(60))
+    _put(cw, "billing-proxy", "ClientConnections", [50.0], _at(60))
+    _put(cw, "billing-proxy", "DatabaseConnections", [4.0], _at(120))
+    _put(cw, "billing-proxy", "ClientConnections", [8.0], _at(120))
     caplog.set_level(logging.WARNING, logger="pgpressure.rds_proxy")
     source = make_source(fault_proxy.url, Clock(T0), max_proxies=2, logs=False)
 
@@ -388,9 +391,9 @@ async def test_implausible_datapoints_are_skipped_and_discovery_is_capped(
     # billing-proxy and idle-proxy are the first two by name; orders-proxy is left out
     assert {s.labels[0] for s in samples if s.spec.kind == "gauge"} == {"billing-proxy"}
     assert gauges(samples, ("billing-proxy", "", "")) == {
-        "rds_proxy_database_connections": 3.0,
+        "rds_proxy_database_connections": 4.0,  # the newest *plausible* datapoint
         "rds_proxy_database_connections_currently_session_pinned": 0.0,
-        "rds_proxy_client_connections": 8.0,  # the newest *plausible* datapoint
+        "rds_proxy_client_connections": 8.0,  # from the same minute
     }
     messages = {r.getMessage(): r for r in caplog.records}
     capped = messages[
@@ -399,6 +402,40 @@ async def test_implausible_datapoints_are_skipped_and_discovery_is_capped(
     assert (capped.fields["found"], capped.fields["skipped"]) == (3, 1)
     skipped = [r for m, r in messages.items() if m.startswith("cloudwatch returned datapoints")]
     assert skipped and skipped[0].fields["datapoints"] == 1
+
+
+async def test_values_of_a_label_set_come_from_one_minute(aws, fault_proxy) -> None:
+    build_world(aws)
+    cw = aws["cloudwatch"]
+    # billing-proxy pinned connections three minutes ago and AWS stopped publishing the pinned
+    # count when they were released; DatabaseConnections goes on (3.0 at _at(60)).
+    _put(cw, "billing-proxy", "DatabaseConnectionsCurrentlySessionPinned", [5.0], _at(180))
+    _put(cw, "billing-proxy", "DatabaseConnections", [6.0], _at(180))
+    _put(cw, "billing-proxy", "ClientConnections", [40.0], _at(180))
+    # the same per target: connections newer than orders-db's pinned 4.0 at _at(90)
+    target = {"TargetGroup": "default", "Target": "orders-db"}
+    _put(cw, "orders-proxy", "DatabaseConnections", [5.0], _at(30), target)
+    # idle-proxy has no DatabaseConnections datapoint at all: its newest minute of any metric
+    _put(cw, "idle-proxy", "DatabaseConnectionsCurrentlySessionPinned", [1.0], _at(150))
+    _put(cw, "idle-proxy", "ClientConnections", [2.0], _at(150))
+    _put(cw, "idle-proxy", "ClientConnections", [1.0], _at(30))
+    source = make_source(fault_proxy.url, Clock(T0), logs=False)
+
+    samples = list(await source.sample())
+
+    # the stale pinned count is not paired with fresh connections: nothing pinned now is 0
+    assert gauges(samples, ("billing-proxy", "", "")) == {
+        "rds_proxy_database_connections": 3.0,
+        "rds_proxy_database_connections_currently_session_pinned": 0.0,
+    }
+    assert gauges(samples, ("orders-proxy", "default", "orders-db")) == {
+        "rds_proxy_database_connections": 5.0,
+        "rds_proxy_database_connections_currently_session_pinned": 0.0,
+    }
+    # without connections to compare with, the pinned count is not invented either way
+    assert gauges(samples, ("idle-proxy", "", "")) == {"rds_proxy_client_connections": 1.0}
+    # a label set whose minutes agree is exported whole
+    assert len(gauges(samples, ("orders-proxy", "", ""))) == 8
 
 
 @pytest.mark.parametrize(

@@ -13,14 +13,19 @@ Choices that matter to users (also in docs/rds-proxy.md):
   several EC2 hosts that each report their share), `Average` for the two latencies, which
   CloudWatch reports in microseconds and we export in seconds.
 - **Window shifted by `delay`**: CloudWatch publishes RDS Proxy datapoints minutes late, so
-  we ask for 60 s periods ending `delay` ago and export the newest datapoint in the window.
-  The values are that old; `pgpressure_source_last_success_timestamp_seconds` dates the poll.
-- **Absent, not zero**: a metric with no datapoint in the window is not exported - an empty
+  we ask for 60 s periods ending `delay` ago. The values are that old;
+  `pgpressure_source_last_success_timestamp_seconds` dates the poll.
+- **One minute per label set**: every metric of one (proxy, target_group, target) is exported
+  from the same minute: the newest with a `DatabaseConnections` datapoint in the window (or,
+  if it has none, the newest minute any of its metrics has). Taking each metric's own newest
+  datapoint would pair a pinned count from minutes ago with fresh connections.
+- **Absent, not zero**: a metric with no datapoint in that minute is not exported - an empty
   answer means "CloudWatch has nothing", not "zero connections". The exception is
   `rds_proxy_database_connections_currently_session_pinned`: AWS only publishes it once a
-  connection has been pinned and stops when none is, so it is exported as 0 whenever the same
-  proxy/target *does* have a `DatabaseConnections` datapoint in the window (the proxy is
-  reporting, it just has nothing pinned). With no datapoints at all it is absent like the rest.
+  connection has been pinned and stops when none is, so it is exported as 0 when the minute
+  is one with a `DatabaseConnections` datapoint (the proxy is reporting, it just has nothing
+  pinned). Without a `DatabaseConnections` datapoint in the window it is never zero-filled,
+  and a label set with no datapoint at all is absent.
 - **Dimension sets**: `ProxyName` alone (labels target_group="" and target="") for every
   metric, plus `ProxyName, TargetGroup, Target` for the metrics AWS publishes per target.
   The per-endpoint and per-role sets are not read; they would double the cost.
@@ -333,7 +338,8 @@ class RdsProxySource(Source):
         if not queries:
             return [], 0, 0
         start, end = self._window(now)
-        newest: dict[str, tuple[datetime, float]] = {}
+        # query Id -> {timestamp: value}; None marks a datapoint that is not a plausible value
+        points: dict[str, dict[datetime, float | None]] = {}
         calls = unusable = 0
         for offset in range(0, len(queries), MAX_QUERIES_PER_CALL):
             batch = [q for q, _, _ in queries[offset : offset + MAX_QUERIES_PER_CALL]]
@@ -357,28 +363,52 @@ class RdsProxySource(Source):
                     for ts, value in zip(
                         result.get("Timestamps", []), result.get("Values", []), strict=False
                     ):
-                        if not _plausible(value):
-                            unusable += 1
-                            continue
-                        best = newest.get(result["Id"])
-                        if best is None or ts > best[0]:
-                            newest[result["Id"]] = (ts, float(value))
+                        plausible = _plausible(value)
+                        unusable += not plausible
+                        got = points.setdefault(result["Id"], {})
+                        got[ts] = float(value) if plausible else None
         if unusable:
             log.warning(
                 "cloudwatch returned datapoints that are not finite non-negative numbers; skipped",
                 extra=kv(datapoints=unusable),
             )
-        values: dict[tuple[MetricSpec, tuple[str, str, str]], float] = {}
-        for query, metric, labels in queries:
-            got = newest.get(query["Id"])
-            if got is not None:
-                values[(metric.spec, labels)] = got[1] * metric.scale
-        # The pinned count is only published after a pin: 0 where the proxy does report.
-        for _query, metric, labels in queries:
-            if metric is _CONNECTIONS and (metric.spec, labels) in values:
-                values.setdefault((_PINNED.spec, labels), 0.0)
-        samples = [Sample(spec, labels, v) for (spec, labels), v in values.items()]
-        return samples, len(queries), calls
+        return _one_minute_per_label_set(queries, points), len(queries), calls
+
+
+def _one_minute_per_label_set(
+    queries: list[tuple[dict, _CwMetric, tuple[str, str, str]]],
+    points: dict[str, dict[datetime, float | None]],
+) -> list[Sample]:
+    """The values of one (proxy, target_group, target) all come from one minute: the newest
+    with a `DatabaseConnections` datapoint, or, when the window has none, the newest minute
+    any of its metrics has. Choosing the newest datapoint of each metric separately would pair
+    a pinned count from minutes ago (AWS stops publishing it when nothing is pinned) with
+    fresh connections and keep the pinning alert firing after pinning stopped. So the pinned
+    count is 0 when the proxy reported connections in that minute without a pinned datapoint;
+    any other metric without a datapoint in that minute is absent."""
+    by_labels: dict[tuple[str, str, str], dict[_CwMetric, dict[datetime, float | None]]] = {}
+    for query, metric, labels in queries:
+        by_labels.setdefault(labels, {})[metric] = points.get(query["Id"], {})
+    samples = []
+    for labels, series in by_labels.items():
+        anchor = _newest_plausible(series.get(_CONNECTIONS, {}))
+        anchored = anchor is not None
+        if not anchored:
+            stamps = [_newest_plausible(got) for got in series.values()]
+            anchor = max((ts for ts in stamps if ts is not None), default=None)
+        if anchor is None:
+            continue  # nothing published: absent, not zero
+        for metric, got in series.items():
+            value = got.get(anchor)
+            if anchor not in got and metric is _PINNED and anchored:
+                value = 0.0  # reporting connections, nothing pinned
+            if value is not None:
+                samples.append(Sample(metric.spec, labels, value * metric.scale))
+    return samples
+
+
+def _newest_plausible(got: dict[datetime, float | None]) -> datetime | None:
+    return max((ts for ts, value in got.items() if value is not None), default=None)
 
 
 def _plausible(value: object) -> bool:
