@@ -18,21 +18,28 @@ target still sees a single pgpressure session. Each sample:
    evicted, re-created or the whole view is reset.
 
 Only top-level statements count (PostgreSQL 14+): a `nextval()` inside a PL/pgSQL function
-never reaches the proxy as text. The normalized text of the worst offenders is kept for
-`top_offenders()` (served as JSON by the web layer), never as a label.
+never reaches the proxy as text. The text of the worst offenders is kept for
+`top_offenders()` (served as JSON by the web layer), never as a label. pg_stat_statements
+keeps the constants of utility statements before PostgreSQL 16 (`SET app.token = 'abc'`),
+and SET is what this list is about, so the text is normalized again with PostgreSQL's own
+normalizer (constants become `$n`) and redacted before it is kept.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from pglast.parser import ParseError, normalize
+
 from exporter import metrics as m
 from exporter import pinning
 from exporter.cardinality import LabelCap
 from exporter.metrics import Sample
+from exporter.secrets import redact
 
 Fetch = Callable[..., Awaitable[Sequence[Any]]]
 
@@ -67,6 +74,7 @@ class _Statement:
     reasons: frozenset[str]
     text: str = ""
     text_bytes: int = 0
+    truncated: bool = False
     calls: float = 0.0  # cumulative, as pg_stat_statements reports it (summed over users)
     recent_calls: float = 0.0  # growth in the last sample
     last_seen: float = field(default_factory=time.time)
@@ -172,7 +180,8 @@ class PinningRisk:
             reasons = pinning.classify(text)
             stmt = _Statement(self._datname(datnames.get(key[0], "")), reasons)
             if reasons:
-                stmt.text = text[:MAX_TEXT_CHARS]
+                shown = _shown(text)
+                stmt.text, stmt.truncated = shown[:MAX_TEXT_CHARS], len(shown) > MAX_TEXT_CHARS
                 stmt.text_bytes = len(text.encode("utf-8", "surrogatepass"))
             self._statements[key] = stmt
             wanted_set.discard(key)
@@ -192,7 +201,15 @@ class PinningRisk:
                 "recent_calls": stmt.recent_calls,
                 "query": stmt.text,
                 "query_bytes": stmt.text_bytes,
-                "truncated": stmt.text_bytes > len(stmt.text.encode("utf-8", "surrogatepass")),
+                "truncated": stmt.truncated,
             }
             for (_, queryid), stmt in offenders[: self.top_n]
         ]
+
+
+def _shown(text: str) -> str:
+    """The text a person may read: constants replaced by `$n`, registered secrets masked.
+    Text the parser refuses is kept as pg_stat_statements has it, redacted."""
+    with contextlib.suppress(ParseError):
+        text = normalize(text)
+    return redact(text)
