@@ -155,6 +155,10 @@ def peer_serial(port: int, ca_file: Path) -> int:
         ("basic_auth: {}", "basic_auth: unknown key"),
         ("basic_auth_users: {alice: plaintext-pw}", "basic_auth_users.alice: expected a bcrypt"),
         ("basic_auth_users: {alice: $2b$12$short}", "basic_auth_users.alice: invalid bcrypt"),
+        (  # the right length, but cost 99 and a character outside bcrypt's alphabet
+            "basic_auth_users: {alice: $2b$99$" + "a" * 52 + "!}",
+            "basic_auth_users.alice: invalid bcrypt",
+        ),
         ("http_server_config: {headers: {Server: x}}", "headers.Server: header not allowed"),
         ("tls_server_config: [1]", "tls_server_config: expected a mapping"),
     ],
