@@ -58,9 +58,11 @@ class TargetConnection:
             password=cfg.password(),
             timeout=cfg.connect_timeout,
             command_timeout=None,
-            # Unnamed statements only: named ones break behind PgBouncer's transaction
-            # pooling and pin sessions behind RDS Proxy. Planning each sample costs about a
-            # quarter of 1 ms, against a sampler budget of 0.2% of one core.
+            # Unnamed statements only: a named one would pin this session if the DSN goes
+            # through RDS Proxy. Planning each sample costs about a quarter of 1 ms, against
+            # a sampler budget of 0.2% of one core. (Targets are meant to be the server
+            # itself: PgBouncer refuses the startup settings below, and pg_stat_activity
+            # read through any pooler cannot exclude our own session.)
             statement_cache_size=0,
             server_settings={
                 "application_name": "pgpressure",
