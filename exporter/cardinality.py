@@ -78,18 +78,6 @@ class CappedCounters:
         return out
 
 
-def cap_keys(
-    counts: dict[Hashable, float], cap: int, other_key: Hashable = OTHER
-) -> dict[Hashable, float]:
-    """Gauge capping: keep the `cap` largest keys, sum the rest into `other_key`."""
-    if len(counts) <= cap:
-        return dict(counts)
-    ranked = sorted(counts.items(), key=lambda kv: kv[1], reverse=True)
-    out = dict(ranked[:cap])
-    out[other_key] = out.get(other_key, 0.0) + sum(v for _, v in ranked[cap:])
-    return out
-
-
 class LabelCap:
     """Admit the first `cap` distinct values of a label, map later ones to `other`.
 

@@ -1,8 +1,10 @@
 """Wiring and lifecycle: store, sources, scheduler, web server, signals.
 
-APScheduler's asyncio scheduler runs each source on its own interval with no overlap
-(max_instances=1) and missed runs coalesced, so a slow database delays its own samples and
-nothing else. SIGTERM and SIGINT stop everything within a couple of seconds.
+APScheduler's asyncio scheduler runs each source on its own interval, missed runs coalesced;
+the runner skips a tick while the previous run of the same source is still going. All I/O is
+awaited, so a slow database delays the samples of its own target (its activity and database
+sources share one connection) and nothing else: /metrics is rendered from the store. SIGTERM
+and SIGINT stop everything within a couple of seconds, cancelling runs in flight.
 """
 
 from __future__ import annotations

@@ -8,7 +8,6 @@ precisely when a source has nothing new to say.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
@@ -21,7 +20,6 @@ SourceKey = tuple[str, str]  # (source name, target name; "" for daemon-wide sou
 class Snapshot:
     samples: tuple[Sample, ...]
     scope: tuple[tuple[str, str], ...]  # labels added to every sample, e.g. (("target", "main"),)
-    taken_at: float
 
 
 @dataclass(slots=True)
@@ -44,7 +42,7 @@ class Store:
     def publish(
         self, key: SourceKey, samples: Iterable[Sample], scope: tuple[tuple[str, str], ...] = ()
     ) -> None:
-        self._snapshots[key] = Snapshot(tuple(samples), scope, time.time())
+        self._snapshots[key] = Snapshot(tuple(samples), scope)
         self.version += 1
 
     def keep_counters_only(self, key: SourceKey) -> None:
@@ -54,7 +52,7 @@ class Store:
         if snap is None:
             return
         kept = tuple(s for s in snap.samples if s.spec.kind != "gauge")
-        self._snapshots[key] = Snapshot(kept, snap.scope, snap.taken_at)
+        self._snapshots[key] = Snapshot(kept, snap.scope)
         self.version += 1
 
     def health(self, key: SourceKey) -> SourceHealth:

@@ -11,7 +11,7 @@ from prometheus_client.openmetrics.parser import (
 from prometheus_client.parser import text_string_to_metric_families
 
 from exporter import metrics as m
-from exporter.cardinality import OTHER, CappedCounters, cap_keys
+from exporter.cardinality import OTHER, CappedCounters
 from exporter.logs import JsonFormatter, LogfmtFormatter, kv
 from exporter.metrics import HistogramValue, Sample
 from exporter.render import Renderer
@@ -52,10 +52,6 @@ def test_capped_counters_with_several_fields_rank_by_the_chosen_one():
     c.add("one_slow_call", 1, 50.0)
     c.commit()
     assert dict(c.items())["one_slow_call"] == [1.0, 50.0]
-
-
-def test_cap_keys_for_gauges():
-    assert cap_keys({"a": 3, "b": 2, "c": 1, "d": 1}, 2) == {"a": 3, "b": 2, OTHER: 2}
 
 
 def test_statement_deltas_handle_resets_and_first_sight():

@@ -3,9 +3,14 @@
 Every `interval` seconds one grouped query reads the client backends (our own session
 excluded). Each active session adds `interval` seconds to a counter keyed by its wait event
 (`CPU` when active without one), so rate() over any window is the average number of active
-sessions (AAS) whatever the scrape interval. The query groups on the server, so its result
-is a handful of rows even with hundreds of sessions, and it calls pg_blocking_pids() only
-for sessions waiting on a heavyweight Lock (the function takes the lock manager's locks).
+sessions (AAS) whatever the scrape interval. The query groups on the server (by database,
+state, wait event and application), so its result stays small with hundreds of sessions,
+and it calls pg_blocking_pids() only for sessions waiting on a heavyweight Lock (the
+function takes the lock manager's locks).
+
+A sample skipped because the previous one overran (its target's connection busy for longer
+than the interval) adds nothing: each sample stands for one interval, so a long stall
+under-counts load rather than guessing it. `pg_activity_samples_total` shows the gaps.
 """
 
 from __future__ import annotations
