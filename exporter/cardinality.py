@@ -82,7 +82,8 @@ class LabelCap:
     """Admit the first `cap` distinct values of a label, map later ones to `other`.
 
     Used for datname, whose values are few and stable: admission order keeps every series
-    stable, which matters more here than following the busiest database.
+    stable, which matters more here than following the busiest database. One cap is shared
+    by the sources of a target, so they agree on which databases are `other`.
     """
 
     def __init__(self, cap: int) -> None:
@@ -99,3 +100,10 @@ class LabelCap:
 
     def seen(self) -> set[str]:
         return set(self._admitted)
+
+    def release_missing(self, present: set[str]) -> set[str]:
+        """Free the slots of values that no longer exist (a dropped database), so a cap
+        filled by short-lived databases does not push every later one into `other`."""
+        gone = self._admitted - present
+        self._admitted -= gone
+        return gone

@@ -20,6 +20,7 @@ from datetime import datetime, timedelta
 from aiohttp import web
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
+from exporter.cardinality import LabelCap
 from exporter.config import Config
 from exporter.logs import kv
 from exporter.pg import TargetConnection
@@ -63,8 +64,10 @@ class Daemon:
         self.sources: list[Source] = []
         self.database_sources: list[DatabaseSource] = []
         for conn in self.connections:
-            self.sources.append(ActivitySource(conn.config, conn))
-            db_source = DatabaseSource(conn.config, conn)
+            # One datname cap per target, so its sources agree on which databases are other.
+            datnames = LabelCap(conn.config.max_datnames)
+            self.sources.append(ActivitySource(conn.config, conn, datnames))
+            db_source = DatabaseSource(conn.config, conn, datnames)
             self.database_sources.append(db_source)
             self.sources.append(db_source)
         self.apps = None

@@ -16,7 +16,7 @@ from exporter.logs import JsonFormatter, LogfmtFormatter, kv
 from exporter.metrics import HistogramValue, Sample
 from exporter.render import Renderer
 from exporter.secrets import RedactingFilter, redact, register
-from exporter.sources.database import StatementDeltas
+from exporter.sources.database import CumulativeDeltas
 from exporter.store import Store
 from exporter.web import _where
 
@@ -55,7 +55,7 @@ def test_capped_counters_with_several_fields_rank_by_the_chosen_one():
 
 
 def test_statement_deltas_handle_resets_and_first_sight():
-    d = StatementDeltas()
+    d = CumulativeDeltas()
     assert d.update(("db", 1), (10.0, 2.0)) == (10.0, 2.0)  # first sight: all of it
     assert d.update(("db", 1), (15.0, 3.0)) == (5.0, 1.0)
     assert d.update(("db", 1), (4.0, 0.5)) == (4.0, 0.5)  # reset: the new values are growth

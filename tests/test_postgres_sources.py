@@ -346,3 +346,43 @@ def test_pg_stat_statements_created_but_not_preloaded_keeps_the_rest_exported():
             assert d.value("pgpressure_source_errors_total", source="database") == 0
             assert d.log().count("pg_stat_statements cannot be read") == 1
             assert "shared_preload_libraries" in d.log()
+
+
+def test_datname_cap_keeps_other_monotonic_and_frees_slots_of_dropped_databases(own_cluster):
+    """Databases over `max_datnames` are summed into `other`. Dropping one of them must not
+    make that counter go down (Prometheus would read a reset and rate() a spike), and
+    dropping an admitted one frees its slot for the next database."""
+    c = own_cluster
+    names = {r for r in c.psql("SELECT string_agg(datname, ',') FROM pg_database").split(",")}
+    cap = len(names) + 1  # room for exactly one more database: "a"
+    for db in ("a", "b", "x"):
+        c.psql(f"CREATE DATABASE {db}")
+
+    def spill(db: str) -> None:
+        with psycopg.connect(c.dsn(dbname=db), autocommit=True) as conn:
+            conn.execute("SET work_mem = '64kB'")
+            conn.execute("SELECT g FROM generate_series(1, 200000) g ORDER BY g DESC").fetchall()
+
+    with run_daemon(daemon_config(c.dsn(), pinning=False, extra=f"    max_datnames: {cap}")) as d:
+
+        def temp(db: str) -> float | None:
+            return d.value("pg_temp_bytes_total", datname=db)
+
+        d.wait_for(lambda: d.value("pgpressure_source_up", source="database") == 1)
+        for db in ("b", "x"):
+            spill(db)
+        other = d.wait_for(lambda: (temp("other") or 0) > 0 and temp("other"), timeout=10)
+        assert temp("a") is not None and temp("b") is None and temp("x") is None
+        samples = d.value("pg_activity_samples_total")
+
+        c.psql("DROP DATABASE x")  # in other: its temp bytes stay counted
+        d.wait_for(lambda: d.value("pg_activity_samples_total") >= samples + 3)
+        assert temp("other") == other
+
+        c.psql("DROP DATABASE a")  # admitted: its series ends and its slot is free
+        d.wait_for(lambda: temp("a") is None, timeout=10)
+        d.wait_for(lambda: temp("b") is not None, timeout=10)
+        assert temp("other") == other
+        spill("b")
+        d.wait_for(lambda: temp("b") > 0, timeout=10)  # counted under its own name now
+        assert temp("other") == other

@@ -19,7 +19,7 @@ from collections import defaultdict
 from collections.abc import Iterable
 
 from exporter import metrics as m
-from exporter.cardinality import CappedCounters, LabelCap
+from exporter.cardinality import OTHER, CappedCounters, LabelCap
 from exporter.config import DatabaseConfig
 from exporter.metrics import Sample
 from exporter.pg import TargetConnection
@@ -61,13 +61,13 @@ class ActivitySource(Source):
     name = "activity"
     backoff_max = 2.0  # a restarted database must be seen again within seconds
 
-    def __init__(self, config: DatabaseConfig, conn: TargetConnection) -> None:
+    def __init__(self, config: DatabaseConfig, conn: TargetConnection, datnames: LabelCap) -> None:
         self.config = config
         self.conn = conn
         self.target = config.name
         self.interval = config.activity.interval
         self.scope = (("target", config.name),)
-        self._datname = LabelCap(config.max_datnames)
+        self._datname = datnames
         self._load: dict[tuple[str, str, str], float] = defaultdict(float)
         self._by_app = CappedCounters(
             config.activity.top_applications, other_key=("other", "other")
@@ -106,6 +106,11 @@ class ActivitySource(Source):
                 self._by_app.add((db, row["application_name"]), n * step)
         self._by_app.commit()
         self._samples += 1
+        # Series of databases dropped since (their cap slot released by the database
+        # source) end here, so churning databases cannot grow the counters without bound.
+        live = self._datname.seen() | {OTHER}
+        for key in [k for k in self._load if k[0] not in live]:
+            del self._load[key]
         return list(
             self._render(sessions, blocked, oldest_xact, oldest_idle, oldest_query, max_connections)
         )

@@ -50,12 +50,14 @@ GROUP BY 1, 2
 """
 
 
-class StatementDeltas:
-    """Turns pg_stat_statements' cumulative values into growth since the last sample.
+class CumulativeDeltas:
+    """Turns PostgreSQL's cumulative values into growth since the last sample.
 
     An entry whose values went down was reset or evicted and re-created: its current value
     is all new growth. A first-seen entry counts from zero, so exported counters start at
-    the statement's cumulative value like any other PostgreSQL counter.
+    the entry's cumulative value like any other PostgreSQL counter. Summing growth rather
+    than current values keeps a capped `other` series monotonic when one of the entries in
+    it disappears (a dropped database, an evicted statement).
     """
 
     def __init__(self) -> None:
@@ -77,35 +79,44 @@ class DatabaseSource(Source):
     name = "database"
     backoff_max = 15.0
 
-    def __init__(self, config: DatabaseConfig, conn: TargetConnection) -> None:
+    def __init__(self, config: DatabaseConfig, conn: TargetConnection, datnames: LabelCap) -> None:
         self.config = config
         self.conn = conn
         self.target = config.name
         self.interval = config.statements.interval
         self.scope = (("target", config.name),)
-        self._datname = LabelCap(config.max_datnames)
+        self._datname = datnames
+        self._temp_deltas = CumulativeDeltas()
+        self._temp_totals: dict[str, list[float]] = {}  # datname label -> [bytes, files]
         top_n = config.statements.top_n
         self._temp = CappedCounters(top_n, other_key=("other", "other"))
         self._exec = CappedCounters(top_n, fields=2, rank_field=1, other_key=("other", "other"))
-        self._deltas = StatementDeltas()
+        self._deltas = CumulativeDeltas()
         self._statements_available: bool | None = None
         self.pinning: PinningRisk | None = None
         if config.statements.enabled and config.statements.pinning_risk:
-            self.pinning = PinningRisk(top_n, config.max_datnames)
+            self.pinning = PinningRisk(top_n, datnames)
 
     async def sample(self) -> Iterable[Sample]:
         rows = await self.conn.fetch(DATABASES)
-        temp_bytes: dict[str, float] = {}
-        temp_files: dict[str, float] = {}
+        # pg_stat_database lists every database: free the cap's slots of dropped ones.
+        present = {row["datname"] for row in rows}
+        for gone in self._datname.release_missing(present):
+            self._temp_totals.pop(gone, None)
         for row in rows:
-            db = self._datname(row["datname"])
-            temp_bytes[db] = temp_bytes.get(db, 0.0) + float(row["temp_bytes"])
-            temp_files[db] = temp_files.get(db, 0.0) + float(row["temp_files"])
+            name = row["datname"]
+            growth = self._temp_deltas.update(
+                (name, 0), (float(row["temp_bytes"]), float(row["temp_files"]))
+            )
+            totals = self._temp_totals.setdefault(self._datname(name), [0.0, 0.0])
+            totals[0] += growth[0]
+            totals[1] += growth[1]
+        self._temp_deltas.forget_missing({(name, 0) for name in present})
         # Settings and extension presence are the same on every row.
         has_statements = bool(rows and rows[0]["has_statements"])
         samples = [Sample(m.WORK_MEM_BYTES, (), float(rows[0]["work_mem_bytes"]))] if rows else []
-        samples += [Sample(m.TEMP_BYTES, (db,), v) for db, v in temp_bytes.items()]
-        samples += [Sample(m.TEMP_FILES, (db,), v) for db, v in temp_files.items()]
+        samples += [Sample(m.TEMP_BYTES, (db,), t[0]) for db, t in self._temp_totals.items()]
+        samples += [Sample(m.TEMP_FILES, (db,), t[1]) for db, t in self._temp_totals.items()]
         if self.config.statements.enabled:
             unusable = ""
             if has_statements:

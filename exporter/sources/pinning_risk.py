@@ -37,7 +37,7 @@ from pglast.parser import ParseError, normalize
 
 from exporter import metrics as m
 from exporter import pinning
-from exporter.cardinality import LabelCap
+from exporter.cardinality import OTHER, LabelCap
 from exporter.metrics import Sample
 from exporter.secrets import redact
 
@@ -87,9 +87,9 @@ class PinningRisk:
     under both, so the sum over reasons can exceed the calls of pinning statements.
     """
 
-    def __init__(self, top_n: int = 20, max_datnames: int = 50) -> None:
+    def __init__(self, top_n: int = 20, datnames: LabelCap | None = None) -> None:
         self.top_n = top_n
-        self._datname = LabelCap(max_datnames)
+        self._datname = datnames if datnames is not None else LabelCap(50)
         self._queries: tuple[str, str] | None = None
         self._tracks_resets = False
         self._statements: dict[tuple[int, int], _Statement] = {}  # (dbid, queryid)
@@ -161,6 +161,9 @@ class PinningRisk:
         for stmt_key in self._statements.keys() - present:
             del self._statements[stmt_key]  # evicted: classify again if it comes back
 
+        live = self._datname.seen() | {OTHER}  # dropped databases' series end
+        for total_key in [k for k in self._totals if k[0] not in live]:
+            del self._totals[total_key]
         return [
             Sample(m.PINNING_RISK_CALLS, key, value) for key, value in sorted(self._totals.items())
         ]
