@@ -5,7 +5,8 @@ role) unless keys are configured, optionally exchanged for an assumed role that 
 ten minutes before it expires. botocore's own retries are off: a source makes one attempt
 per poll and the runner backs off, which keeps API cost predictable and failures visible.
 Every failure becomes an `AwsApiError` that names the operation and AWS's error code and
-never carries credentials.
+never carries credentials. Paging stops after a bounded number of pages and says so
+(`TooManyPages`) rather than passing a cut-off answer as the whole one.
 """
 
 from __future__ import annotations
@@ -49,6 +50,10 @@ THROTTLED = frozenset(
 )
 
 
+#: Calls `Clients.pages()` makes at most for one paginated request.
+MAX_PAGES = 100
+
+
 class AwsApiError(RuntimeError):
     """One failed AWS call, phrased for the log: operation, error code, HTTP status."""
 
@@ -56,6 +61,17 @@ class AwsApiError(RuntimeError):
         self.operation, self.code, self.status = operation, code, status
         where = f" (HTTP {status})" if status else ""
         super().__init__(redact(f"{operation} failed: {code}{where}: {message}".strip()))
+
+
+class TooManyPages(AwsApiError):
+    """`Clients.pages()` made its last allowed call and the answer still had a next-page
+    token: what was yielded is not the whole answer. A caller that can continue later (the
+    pinning log reader) catches it; for the others it fails the poll like any AWS error."""
+
+    def __init__(self, operation: str, pages: int) -> None:
+        message = f"stopped after {pages} pages; the answer still had a next-page token"
+        super().__init__(operation, "TooManyPages", None, message)
+        self.pages = pages
 
 
 def api_error(operation: str, exc: Exception) -> AwsApiError:
@@ -194,13 +210,28 @@ class Clients:
         return page
 
     def pages(
-        self, service: str, method: str, expect: str, token_in: str, token_out: str, **kwargs: Any
+        self,
+        service: str,
+        method: str,
+        expect: str,
+        token_in: str,
+        token_out: str,
+        *,
+        max_pages: int = MAX_PAGES,
+        pace: Callable[[], None] | None = None,
+        **kwargs: Any,
     ) -> Iterator[dict]:
-        """Follow a paginated API; bounded so a misbehaving endpoint cannot loop forever."""
-        for _ in range(100):
+        """Follow a paginated API, at most `max_pages` calls so a misbehaving endpoint cannot
+        loop forever. If the last allowed page still has a next-page token, `TooManyPages` is
+        raised after it was yielded (a caller that stops reading early never sees it).
+        `pace`, if given, is called before every call, e.g. to space calls under a quota."""
+        for _ in range(max_pages):
+            if pace is not None:
+                pace()
             page = self.call(service, method, expect, **kwargs)
             yield page
             token = page.get(token_out)
             if not token:
                 return
             kwargs[token_in] = token
+        raise TooManyPages(operation_name(method), max_pages)

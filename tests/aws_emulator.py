@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import http.client
+import json
 import threading
 import time
 from collections import Counter, defaultdict
@@ -14,6 +15,9 @@ from urllib.parse import parse_qs, urlsplit
 
 # (status, headers, body) of one HTTP answer
 Answer = tuple[int, dict[str, str], bytes]
+
+# marks a next-page token that FaultProxy.inject_empty_pages() handed out
+EMPTY_PAGE_TOKEN = "aws-emulator-empty-page:"
 
 
 @contextlib.contextmanager
@@ -92,6 +96,7 @@ class FaultProxy(LocalHttpServer):
         self.faults: dict[str, list[Answer]] = defaultdict(list)
         self.lasting: dict[str, Answer] = {}
         self._times: dict[str, list[float]] = defaultdict(list)
+        self.empty_pages: dict[str, tuple[int, str, str]] = {}  # op -> (left, items, token)
         self.lock = threading.Lock()
         super().__init__()
 
@@ -109,9 +114,41 @@ class FaultProxy(LocalHttpServer):
             self.calls[op] += 1
             self._times[op].append(time.monotonic())
             fault = self.faults[op].pop(0) if self.faults[op] else self.lasting.get(op)
+            padding = None
+            if fault is None and self.empty_pages.get(op, (0,))[0] > 0:
+                left, items, token = self.empty_pages[op]
+                self.empty_pages[op] = (left - 1, items, token)
+                padding = (items, token)
         if fault is not None:
             return fault
+        if padding is not None:
+            return self._empty_page(headers, body, *padding)
+        if EMPTY_PAGE_TOKEN.encode() in body:
+            body = self._restore_token(body)
         return self.forward(method, path, headers, body)
+
+    @staticmethod
+    def _empty_page(headers: Mapping[str, str], body: bytes, items: str, token: str) -> Answer:
+        """No items and a next-page token that carries the caller's own token along."""
+        sent = json.loads(body or b"{}").get(token) or ""
+        if sent.startswith(EMPTY_PAGE_TOKEN):
+            sent = sent[len(EMPTY_PAGE_TOKEN) :]
+        page = {items: [], token: EMPTY_PAGE_TOKEN + sent}
+        content_type = headers.get("Content-Type") or "application/x-amz-json-1.1"
+        return 200, {"Content-Type": content_type}, json.dumps(page).encode()
+
+    @staticmethod
+    def _restore_token(body: bytes) -> bytes:
+        """Forward a request that follows an empty page with the token it wrapped (none if
+        the empty pages came first), so paging resumes where it was."""
+        request = json.loads(body)
+        for key, value in list(request.items()):
+            if isinstance(value, str) and value.startswith(EMPTY_PAGE_TOKEN):
+                if value == EMPTY_PAGE_TOKEN:
+                    del request[key]
+                else:
+                    request[key] = value[len(EMPTY_PAGE_TOKEN) :]
+        return json.dumps(request).encode()
 
     def forward(self, method: str, path: str, headers: Mapping[str, str], body: bytes) -> Answer:
         conn = http.client.HTTPConnection(self.upstream.hostname, self.upstream.port, timeout=30)
@@ -150,11 +187,22 @@ class FaultProxy(LocalHttpServer):
         with self.lock:
             self.lasting[operation] = self._fault(status, body, headers)
 
+    def inject_empty_pages(
+        self, operation: str, pages: int, items: str = "events", token: str = "nextToken"
+    ) -> None:
+        """The next `pages` calls of `operation` (a paginated JSON-protocol API) answer with
+        an empty `items` list and a next-page `token`, as FilterLogEvents does while it scans
+        a large log group; the call that follows them is forwarded with the caller's own
+        token, so nothing is skipped. Queued faults (`inject`) are answered first."""
+        with self.lock:
+            self.empty_pages[operation] = (pages, items, token)
+
     def clear(self, operation: str) -> None:
         """Disarm every fault of `operation`: its calls are forwarded again."""
         with self.lock:
             self.faults.pop(operation, None)
             self.lasting.pop(operation, None)
+            self.empty_pages.pop(operation, None)
 
     def times(self, operation: str) -> list[float]:
         """time.monotonic() of every call of `operation` so far, oldest first."""
@@ -166,4 +214,5 @@ class FaultProxy(LocalHttpServer):
             self.calls.clear()
             self.faults.clear()
             self.lasting.clear()
+            self.empty_pages.clear()
             self._times.clear()

@@ -4,6 +4,7 @@ HTTP proxy that counts requests per API operation and injects faults (tests/aws_
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import logging
 import math
@@ -16,7 +17,7 @@ import pytest
 import requests
 
 from exporter import metrics as m
-from exporter.aws import AwsApiError
+from exporter.aws import AwsApiError, Clients, TooManyPages
 from exporter.config import AwsConfig
 from exporter.pinning import REASONS
 from exporter.render import Renderer
@@ -480,12 +481,13 @@ FAULTS = {
         "500",
     ),
     "malformed body": ("GetMetricData", 200, "{not json at all", JSON10, "MalformedResponse"),
-    "logs throttled": (
+    # (a throttled FilterLogEvents call does not fail the poll: see test_throttled_logs_...)
+    "logs server error": (
         "FilterLogEvents",
-        400,
-        json.dumps({"__type": "ThrottlingException", "message": "Rate exceeded"}),
+        503,
+        json.dumps({"__type": "ServiceUnavailableException", "message": "Try again"}),
         JSON11,
-        "ThrottlingException",
+        "ServiceUnavailableException",
     ),
     "discovery 503": (
         "DescribeDBProxies",
@@ -620,6 +622,112 @@ async def test_log_reading_is_bounded_per_poll(aws, fault_proxy) -> None:
     assert polls[0] <= 12  # never more than the bound in one poll...
     assert polls[-1] == 30  # ...and the backlog is caught up without double counting
     assert polls == sorted(polls)
+
+
+def test_paging_says_when_it_stops_at_its_page_limit(aws, fault_proxy) -> None:
+    build_world(aws)
+    config = AwsConfig(
+        region=REGION, endpoint_url=fault_proxy.url, access_key_id=KEY_ID, secret_access_key=SECRET
+    )
+    clients = Clients(config, time.time)
+    kwargs = {"logGroupName": "/aws/rds/proxy/orders-proxy", "interleaved": True}
+    fault_proxy.inject_empty_pages("FilterLogEvents", 5)
+    got = []
+    with pytest.raises(TooManyPages) as raised:
+        for page in clients.pages(
+            "logs", "filter_log_events", "events", "nextToken", "nextToken", max_pages=3, **kwargs
+        ):
+            got.append(page)
+    assert len(got) == 3 and raised.value.code == "TooManyPages"
+    assert "FilterLogEvents" in str(raised.value)
+    # within the limit, the empty pages are followed to the end: nothing is lost
+    fault_proxy.inject_empty_pages("FilterLogEvents", 2)
+    events = [
+        e
+        for page in clients.pages(
+            "logs", "filter_log_events", "events", "nextToken", "nextToken", **kwargs
+        )
+        for e in page["events"]
+    ]
+    assert len(events) == len(ORDERS_LINES)
+    clients.reset()
+
+
+async def test_a_log_scan_longer_than_one_poll_resumes_from_the_newest_line_read(
+    aws, fault_proxy, caplog
+) -> None:
+    """FilterLogEvents answers a large log group with many empty pages that carry a next-page
+    token. When a poll's calls are used up, the unread lines must not be skipped."""
+    build_world(aws)
+    # older than the overlap a cursor moved to "now" would re-read on the next poll
+    _put_logs(aws["logs"], "billing-proxy", [ORDERS_LINES[3]] * 5, T0 - 250, create=False)
+    fault_proxy.inject_empty_pages("FilterLogEvents", 150)  # more than one poll may call
+    clock = Clock(T0)
+    source = make_source(fault_proxy.url, clock, proxies=["billing-proxy"])
+    caplog.set_level(logging.INFO, logger="pgpressure.rds_proxy")
+
+    first = pin_counts(list(await source.sample()), "billing-proxy")
+    assert fault_proxy.calls["FilterLogEvents"] == 100  # this poll's calls, then it stopped
+    backlog = [r for r in caplog.records if "backlog" in r.getMessage()]
+    assert backlog and backlog[0].fields["proxy"] == "billing-proxy"
+    assert first["prepared_statement"] == 0.0
+
+    clock.now = T0 + 60
+    second = pin_counts(list(await source.sample()), "billing-proxy")
+    assert fault_proxy.calls["FilterLogEvents"] == 151  # 50 more empty pages, then the lines
+    assert second["prepared_statement"] == 5.0
+
+
+async def test_log_pages_of_one_proxy_are_spaced_like_calls_for_different_proxies(
+    aws, fault_proxy
+) -> None:
+    build_world(aws)
+    config = AwsConfig(
+        region=REGION,
+        endpoint_url=fault_proxy.url,
+        access_key_id=KEY_ID,
+        secret_access_key=SECRET,
+        rds_proxy={"enabled": True, "delay": DELAY, "proxies": ["orders-proxy", "billing-proxy"]},
+    )
+    source = RdsProxySource(config, clock=Clock(T0), log_call_spacing=0.2)
+    fault_proxy.inject_empty_pages("FilterLogEvents", 3)
+    samples = list(await source.sample())
+    times = fault_proxy.times("FilterLogEvents")
+    assert len(times) == 5  # 3 empty pages and the lines of one proxy, the other proxy's
+    gaps = [b - a for a, b in itertools.pairwise(times)]
+    assert min(gaps) >= 0.19, gaps
+    assert pin_counts(samples, "orders-proxy")["sequence"] == 2.0
+
+
+async def test_throttled_logs_skip_the_logs_not_the_poll(aws, fault_proxy, caplog) -> None:
+    build_world(aws)
+    clock = Clock(T0)
+    source = make_source(fault_proxy.url, clock)
+    store = Store()
+    runner = SourceRunner(source, store)
+    await runner.run_once()
+    health = store.health(runner.key)
+    caplog.set_level(logging.WARNING, logger="pgpressure.rds_proxy")
+
+    throttled = json.dumps({"__type": "ThrottlingException", "message": "Rate exceeded"})
+    fault_proxy.inject("FilterLogEvents", 400, throttled, JSON11)
+    _put_logs(aws["logs"], "orders-proxy", [ORDERS_LINES[0]], T0 + 10, create=False)
+    clock.now = T0 + 60
+    await runner.run_once()
+    assert health.up and health.errors_total == 0
+    samples = dict(store.snapshots())[runner.key].samples
+    # the poll's fresh CloudWatch values are exported: the window moved onto the 999 minute
+    assert gauges(samples, ("orders-proxy", "", ""))["rds_proxy_database_connections"] == 999.0
+    warned = [r for r in caplog.records if "throttled" in r.getMessage()]
+    assert len(warned) == 1 and warned[0].fields["error"] == "ThrottlingException"
+    assert source.status()["last_poll"]["logs_throttled"] is True
+    # the log reading that was skipped is not lost: the next poll counts the line once
+    clock.now = T0 + 120
+    health.next_attempt = 0.0
+    await runner.run_once()
+    samples = dict(store.snapshots())[runner.key].samples
+    assert pin_counts(samples, "orders-proxy")["session_settings"] == 4.0
+    assert source.status()["last_poll"]["logs_throttled"] is False
 
 
 async def test_close_releases_clients_and_a_new_poll_rebuilds_them(aws, fault_proxy) -> None:

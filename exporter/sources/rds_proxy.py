@@ -34,6 +34,8 @@ Choices that matter to users (also in docs/rds-proxy.md):
   (`keep_gauges_on_failure`). botocore's own retries are off so one poll is one attempt and
   the cost counter stays exact. A missing log group or missing logs permission is logged
   once per proxy and retried every `discovery_interval`; it is a setup state, not an error.
+  A throttled FilterLogEvents call skips the rest of the poll's log reading (logged) and keeps
+  the poll's fresh CloudWatch metrics; the logs are read on from their cursors next poll.
 """
 
 from __future__ import annotations
@@ -181,6 +183,7 @@ class RdsProxySource(Source):
             "metric_queries": queries,
             "get_metric_data_calls": calls,
             "values": len(values),
+            "logs_throttled": self.rds.logs and self._logs.throttled,
         }
         return self._samples(values)
 

@@ -8,13 +8,18 @@ poll, classifies each reason (`exporter.pinning.log_reason`) and adds it to
 - **Incremental and exact**: the cursor moves only after a read succeeded in full, and the
   read starts `OVERLAP_MS` before the cursor (lines can be ingested late) with event IDs
   deduplicated, so a line is counted once even across failures and retries.
-- **Bounded**: at most `max_log_events_per_poll` new lines per poll over all proxies; a
-  backlog continues on the next poll from where it stopped, and the proxy read first rotates
-  so one busy proxy cannot starve the rest. Calls are spaced to stay under the 5 requests/s
-  FilterLogEvents quota.
+- **Bounded**: at most `max_log_events_per_poll` new lines and `MAX_PAGES_PER_POLL` calls
+  per poll over all proxies (FilterLogEvents can answer a large log group with many empty
+  pages that each carry a next-page token); a backlog continues on the next poll from the
+  newest line read, and the proxy read first rotates so one busy proxy cannot starve the
+  rest. Every call, the pages of one proxy as well as the first page of the next proxy, is
+  `call_spacing` after the previous one, to stay under the 5 requests/s FilterLogEvents quota.
 - **Setup states are not errors**: a missing log group (enhanced logging never turned on) or
-  missing permission is logged once per proxy and checked again every `retry_after` seconds;
-  throttling, 5xx and credential errors raise so the runner backs off.
+  missing permission is logged once per proxy and checked again every `retry_after` seconds.
+- **Throttling skips the logs, not the poll**: a throttled FilterLogEvents call ends this
+  poll's log reading with a warning; nothing of the interrupted read is counted, the cursors
+  stay, and the next poll reads on from them. The CloudWatch metrics of the poll are kept.
+  5xx and credential errors raise so the runner backs off.
 """
 
 from __future__ import annotations
@@ -25,13 +30,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from exporter import pinning
-from exporter.aws import AwsApiError, Clients
+from exporter.aws import THROTTLED, AwsApiError, Clients, TooManyPages
 from exporter.logs import kv
 
 log = logging.getLogger("pgpressure.rds_proxy")
 
 OVERLAP_MS = 120_000
 CALL_SPACING = 0.25  # FilterLogEvents: 5 requests/s per account and region
+MAX_PAGES_PER_POLL = 100  # FilterLogEvents calls per poll over all proxies: 25 s at the spacing
 MAX_SEEN_EVENT_IDS = 50_000
 _SETUP_ERRORS = {
     "ResourceNotFoundException": "log group missing",
@@ -75,9 +81,13 @@ class PinningLogs:
         self.max_events_per_poll = max_events_per_poll
         self.retry_after = retry_after
         self.call_spacing = call_spacing
+        self.max_pages_per_poll = MAX_PAGES_PER_POLL
         self.counts: dict[tuple[str, str], float] = {}
+        self.throttled = False  # the last read() stopped at a throttled call
         self._states: dict[str, _State] = {}
         self._rotation = 0
+        self._pages_left = 0
+        self._last_call: float | None = None  # time.monotonic() of the last FilterLogEvents
 
     def state_of(self, proxy: str) -> str:
         state = self._states.get(proxy)
@@ -92,18 +102,39 @@ class PinningLogs:
 
     def read(self, proxies: list[str]) -> None:
         budget = self.max_events_per_poll
+        self._pages_left = self.max_pages_per_poll
+        self.throttled = False
         if proxies:
             self._rotation = (self._rotation + 1) % len(proxies)
             proxies = proxies[self._rotation :] + proxies[: self._rotation]
-        called = False
         for proxy in proxies:
-            if budget <= 0:
+            if budget <= 0 or self._pages_left <= 0:
                 break
-            if self._due(proxy):
-                if called and self.call_spacing:
-                    time.sleep(self.call_spacing)
-                called = True
+            if not self._due(proxy):
+                continue
+            try:
                 budget -= self._read_one(proxy, budget)
+            except AwsApiError as exc:
+                if exc.code not in THROTTLED:
+                    raise  # 5xx, credentials: the runner backs off
+                # The quota is per account and region: the other proxies would be throttled
+                # too. Nothing of this read was committed, so the next poll reads it again.
+                log.warning(
+                    "rds proxy pinning logs throttled; log reading skipped until the next poll",
+                    extra=kv(proxy=proxy, error=exc.code),
+                )
+                self.throttled = True
+                break
+
+    def _before_call(self) -> None:
+        """Before every FilterLogEvents call: `call_spacing` after the previous one; counted
+        against this poll's calls."""
+        if self.call_spacing and self._last_call is not None:
+            wait = self._last_call + self.call_spacing - time.monotonic()
+            if wait > 0:
+                time.sleep(wait)
+        self._last_call = time.monotonic()
+        self._pages_left -= 1
 
     def _due(self, proxy: str) -> bool:
         state = self._states.get(proxy)
@@ -131,6 +162,8 @@ class PinningLogs:
             filterPattern=f'"{pinning.PIN_MARKER}"',
             interleaved=True,
             limit=min(10_000, budget),
+            max_pages=self._pages_left,
+            pace=self._before_call,
         )
         try:
             for page in pages:
@@ -148,6 +181,8 @@ class PinningLogs:
                 if read >= budget and page.get("nextToken"):
                     truncated = True
                     break
+        except TooManyPages:
+            truncated = True  # this poll's calls are used up; read on from the newest line
         except AwsApiError as exc:
             problem = _SETUP_ERRORS.get(exc.code)
             if problem is None:
@@ -163,7 +198,7 @@ class PinningLogs:
         if truncated:
             log.info(
                 "rds proxy pinning log backlog; continuing next poll",
-                extra=kv(proxy=proxy, events=read),
+                extra=kv(proxy=proxy, events=read, calls_left=self._pages_left),
             )
         return read
 
