@@ -2,7 +2,9 @@
 
 PostgreSQL refuses to run as root, so when we are root the cluster is created and run as
 the unprivileged `postgres` user (Debian's package creates it). The cluster preloads
-pg_stat_statements, listens on 127.0.0.1 only, and is removed on stop.
+pg_stat_statements, listens on 127.0.0.1 only, and is removed on stop. It is for a
+developer's machine: connections over 127.0.0.1 are trusted (except the `monitor` role the
+tests give a password), so do not start it on a host shared with untrusted users.
 """
 
 from __future__ import annotations
@@ -91,7 +93,7 @@ class Cluster:
     def init(self) -> Cluster:
         assert self.base is not None
         self.base.mkdir(parents=True, exist_ok=True)
-        os.chmod(self.base, 0o755)
+        os.chmod(self.base, 0o700)  # the socket and the log: the cluster's owner only
         self._chown(self.base)
         self.sockdir.mkdir(exist_ok=True)
         self._chown(self.sockdir)
