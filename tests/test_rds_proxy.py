@@ -730,6 +730,48 @@ async def test_throttled_logs_skip_the_logs_not_the_poll(aws, fault_proxy, caplo
     assert source.status()["last_poll"]["logs_throttled"] is False
 
 
+async def test_a_proxy_that_leaves_discovery_and_returns_resumes_its_log_reading(
+    aws, fault_proxy
+) -> None:
+    build_world(aws)
+    rds = aws["rds"]
+    ours = [{"Name": "cidr-block", "Values": ["10.20.0.0/24", "10.20.1.0/24"]}]
+    subnets = [s["SubnetId"] for s in aws["ec2"].describe_subnets(Filters=ours)["Subnets"]]
+    clock = Clock(T0)
+    # discovery every poll; three proxies fit under the cap
+    source = make_source(fault_proxy.url, clock, max_proxies=3, discovery_interval=60)
+    polls = [list(await source.sample())]
+    assert pin_counts(polls[0], "orders-proxy")["session_settings"] == 3.0
+
+    # a proxy that sorts first pushes orders-proxy past max_proxies for one discovery
+    _create_proxy(rds, "alpha-proxy", subnets)
+    clock.now = T0 + 60
+    polls.append(list(await source.sample()))
+    assert "orders-proxy" not in {s.labels[0] for s in polls[-1] if s.spec.kind == "gauge"}
+    # its counts stay as they were while it may come back
+    assert pin_counts(polls[-1], "orders-proxy") == pin_counts(polls[0], "orders-proxy")
+
+    rds.delete_db_proxy(DBProxyName="alpha-proxy")
+    _put_logs(aws["logs"], "orders-proxy", [ORDERS_LINES[0]], T0 + 70, create=False)
+    clock.now = T0 + 120
+    polls.append(list(await source.sample()))
+    # back: read on from its cursor, so the lines counted before are not counted again, and the
+    # line written while it was left out is counted once
+    assert pin_counts(polls[-1], "orders-proxy") == {
+        reason: float(ORDERS_REASONS.get(reason, 0) + (reason == "session_settings"))
+        for reason in REASONS
+    }
+
+    # billing-proxy is deleted: its counts stay for three discovery intervals, then go
+    rds.delete_db_proxy(DBProxyName="billing-proxy")
+    for step in range(3, 7):
+        clock.now = T0 + 60 * step
+        polls.append(list(await source.sample()))
+    assert pin_counts(polls[-2], "billing-proxy")  # left out since T0 + 180, for 120 s
+    assert pin_counts(polls[-1], "billing-proxy") == {}  # for 180 s: forgotten
+    assert pin_counts(polls[-1], "orders-proxy")["session_settings"] == 4.0
+
+
 async def test_close_releases_clients_and_a_new_poll_rebuilds_them(aws, fault_proxy) -> None:
     build_world(aws)
     source = make_source(fault_proxy.url, Clock(T0))

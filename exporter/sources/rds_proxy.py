@@ -62,6 +62,7 @@ log = logging.getLogger("pgpressure.rds_proxy")
 NAMESPACE = "AWS/RDS"
 PERIOD = 60  # seconds; the finest period RDS Proxy metrics have
 MAX_QUERIES_PER_CALL = 500  # GetMetricData limit
+FORGET_AFTER_DISCOVERIES = 3  # a proxy left out this many discovery intervals is forgotten
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,6 +128,7 @@ class RdsProxySource(Source):
             first_lookback=max(self.interval, 300.0),
             max_events_per_poll=self.rds.max_log_events_per_poll,
             retry_after=self.rds.discovery_interval,
+            forget_after=FORGET_AFTER_DISCOVERIES * self.rds.discovery_interval,
             call_spacing=log_call_spacing,
         )
         self._proxies: list[_Proxy] = []

@@ -14,6 +14,10 @@ poll, classifies each reason (`exporter.pinning.log_reason`) and adds it to
   newest line read, and the proxy read first rotates so one busy proxy cannot starve the
   rest. Every call, the pages of one proxy as well as the first page of the next proxy, is
   `call_spacing` after the previous one, to stay under the 5 requests/s FilterLogEvents quota.
+- **A proxy that leaves is remembered for a while**: a proxy no longer read (gone from
+  discovery, or pushed past `max_proxies`) keeps its cursor, seen event IDs and counts for
+  `forget_after` seconds, so one that comes back resumes where it stopped instead of reading
+  its last minutes again; after that its state and its counts are dropped.
 - **Setup states are not errors**: a missing log group (enhanced logging never turned on) or
   missing permission is logged once per proxy and checked again every `retry_after` seconds.
 - **Throttling skips the logs, not the poll**: a throttled FilterLogEvents call ends this
@@ -73,6 +77,7 @@ class PinningLogs:
         first_lookback: float,
         max_events_per_poll: int,
         retry_after: float,
+        forget_after: float,
         call_spacing: float = CALL_SPACING,
     ) -> None:
         self.clients = clients
@@ -80,11 +85,13 @@ class PinningLogs:
         self.first_lookback = first_lookback
         self.max_events_per_poll = max_events_per_poll
         self.retry_after = retry_after
+        self.forget_after = forget_after
         self.call_spacing = call_spacing
         self.max_pages_per_poll = MAX_PAGES_PER_POLL
         self.counts: dict[tuple[str, str], float] = {}
         self.throttled = False  # the last read() stopped at a throttled call
         self._states: dict[str, _State] = {}
+        self._gone_since: dict[str, float] = {}  # proxies not read now -> since when
         self._rotation = 0
         self._pages_left = 0
         self._last_call: float | None = None  # time.monotonic() of the last FilterLogEvents
@@ -96,9 +103,23 @@ class PinningLogs:
         return state.problem or ("reading" if state.readable else "not read yet")
 
     def forget_except(self, proxies: set[str]) -> None:
-        for name in list(self._states):
-            if name not in proxies:
-                del self._states[name]
+        """`proxies` are the ones read from now on. The others keep their state and counts
+        until they have been left out for `forget_after` seconds: a proxy that flaps in and
+        out of discovery must not have its last minutes read and counted again."""
+        now = self.clock()
+        for name in set(self._states) | {proxy for proxy, _ in self.counts}:
+            if name in proxies:
+                self._gone_since.pop(name, None)
+                continue
+            if now - self._gone_since.setdefault(name, now) < self.forget_after:
+                continue
+            del self._gone_since[name]
+            self._states.pop(name, None)
+            for key in [key for key in self.counts if key[0] == name]:
+                del self.counts[key]
+            log.info(
+                "rds proxy gone; its pinning counts are no longer exported", extra=kv(proxy=name)
+            )
 
     def read(self, proxies: list[str]) -> None:
         budget = self.max_events_per_poll
