@@ -9,9 +9,12 @@ One throwaway PostgreSQL 15; against it, in the same run:
 
 Scrapes alternate between the two (A, B, A, B, ...) over one keep-alive connection each, so
 drift on the shared 2-core machine hits both alike: --scrapes per exporter with the database
-up, then again after `pg_ctl stop` (database unreachable). The time is request sent to last
-body byte read, uncompressed text format. Finally, in-process, the uncached render time of
-the same snapshot (Renderer.render after store.touch()).
+up back-to-back, --paced one pair per --pace seconds (every pgpressure scrape then finds a
+changed store, as a real Prometheus does), the same paced run with Prometheus's own request
+headers (OpenMetrics preferred, gzip; "prom" in the table), then again after `pg_ctl stop`
+(database unreachable). The time is request sent to last body byte read; "bytes" are on the
+wire. Finally, in-process, the uncached render time of the same snapshot
+(Renderer.render after store.touch()).
 
     python bench/bench_metrics.py [--scrapes 500] [--series 5000]
 
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gzip
 import http.client
 import os
 import shutil
@@ -41,6 +45,12 @@ from tests.helpers import logged_process, one_target_config  # noqa: E402
 GOAL_P99_MS = 20.0
 POSTGRES_EXPORTER = "/usr/bin/prometheus-postgres-exporter"
 ACCEPT = "text/plain;version=0.0.4;q=0.9,*/*;q=0.1"
+#: What Prometheus 2.x/3.x sends by default: OpenMetrics first, and gzip.
+PROMETHEUS_HEADERS = {
+    "Accept": "application/openmetrics-text;version=1.0.0;q=0.5,"
+    "application/openmetrics-text;version=0.0.1;q=0.4,text/plain;version=0.0.4;q=0.3,*/*;q=0.2",
+    "Accept-Encoding": "gzip",
+}
 
 
 class Scraper:
@@ -50,16 +60,18 @@ class Scraper:
         self.name, self.port = name, port
         self.conn: http.client.HTTPConnection | None = None
         self.last_body = b""
+        self.last_wire_bytes = 0
+        self.headers = {"Accept": ACCEPT}
 
     def scrape(self) -> float:
-        """Seconds from request to the last byte of the body."""
+        """Seconds from request to the last byte of the body (decompressing not included)."""
         for attempt in range(2):
             if self.conn is None:
                 self.conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
                 self.conn.connect()
             try:
                 t0 = time.perf_counter()
-                self.conn.request("GET", "/metrics", headers={"Accept": ACCEPT})
+                self.conn.request("GET", "/metrics", headers=self.headers)
                 response = self.conn.getresponse()
                 body = response.read()
                 elapsed = time.perf_counter() - t0
@@ -71,6 +83,9 @@ class Scraper:
                 continue
             if response.status != 200:
                 raise RuntimeError(f"{self.name}: /metrics returned {response.status}")
+            self.last_wire_bytes = len(body)
+            if response.getheader("Content-Encoding") == "gzip":
+                body = gzip.decompress(body)
             self.last_body = body
             return elapsed
         raise AssertionError("unreachable")
@@ -149,10 +164,12 @@ def uncached_render(series: int, rounds: int = 50) -> tuple[dict[str, float], in
 
 
 def RUNS(args: argparse.Namespace) -> list[tuple[str, str, int, float]]:
-    """(database state, mode, scrapes, pace in seconds between pairs)."""
+    """(database state, mode, scrapes, pace in seconds between pairs). Plain text unless
+    the mode says `prom`: Prometheus's own headers (OpenMetrics preferred, gzip)."""
     return [
         ("up", "back-to-back", args.scrapes, 0.0),
         ("up", f"paced {args.pace:g}s", args.paced, args.pace),
+        ("up", f"prom {args.pace:g}s", args.paced, args.pace),
         # postgres_exporter takes about 1 s per scrape with the database down, which paces
         # this run by itself: every pgpressure scrape finds a changed store.
         ("down", "back-to-back", args.scrapes_down, 0.0),
@@ -210,13 +227,16 @@ def main() -> int:
                         cluster.stop()
                         cluster_running = False
                         time.sleep(4)  # both notice: failed samples, refused connections
+                    for scraper in (ours, theirs):
+                        prom = mode.startswith("prom")
+                        scraper.headers = PROMETHEUS_HEADERS if prom else {"Accept": ACCEPT}
                     ta, tb = interleaved(ours, theirs, n, pace)
                     for name, times, scraper in (
                         ("pgpressure", ta, ours),
                         ("postgres_exporter", tb, theirs),
                     ):
                         results[(name, state, mode)] = percentiles(times)
-                        sizes[(name, state, mode)] = (scraper.series(), len(scraper.last_body), n)
+                        sizes[(name, state, mode)] = (scraper.series(), scraper.last_wire_bytes, n)
                     up_ours = ours.value(b'pgpressure_source_up{source="activity"')
                     up_theirs = theirs.value(b"pg_up")
                     notes.append(
