@@ -3,9 +3,14 @@
 Each process pushes cumulative numbers per (app, pool). The aggregate of a counter is the sum
 over live processes plus everything departed processes had counted, so it never goes
 backwards when a gunicorn worker restarts, a pid is reused (the process id includes its start
-time) or a process starts over from zero (its old totals are folded in first). A process
-silent for `stale_after` leaves the gauges and its totals are folded in. Apps, pools per app
-and live processes are capped; refusals are counted in `pgpressure_reports_total{result}`.
+time) or a process starts over from zero (its old totals are folded in first; a restart is
+seen in the integer counts only, as the float sums of a process may wobble by an ulp). A
+process silent for `stale_after` (or three of its push intervals, if longer) leaves the gauges
+and its totals are folded in; it is remembered for ten times that long, so if it reports again
+(a paused pod, a network partition) its folded totals are taken back out instead of being
+counted twice. Exported histogram sums never go below what was exported before. Apps, pools
+per app and live processes are capped; every refusal, including those of the HTTP route, is
+counted in `pgpressure_reports_total{result}`.
 
 Everything runs on the daemon's event loop without awaiting, so no locks are needed.
 """
@@ -47,8 +52,14 @@ RESULTS = (
     "process_limit",
     "pool_limit",
     "out_of_order",
+    "unsupported_encoding",  # 415, refused by the HTTP route
+    "busy",  # 503: no free ingest slot
+    "timeout",  # 408: the body did not arrive in time
 )
 TOKEN_TTL = 5.0  # seconds a token read from token_file is trusted before re-reading
+INTERVALS_STALE = 3  # a process is stale after this many of its push intervals (or stale_after)
+MAX_INTERVAL = 3600.0  # the longest push interval the instrumentation uses
+GONE_KEEP = 10  # a departed process is remembered for this many times its staleness
 
 # --- the report schema -------------------------------------------------------------------------
 Name = Annotated[
@@ -102,6 +113,7 @@ class Report(_Model):
     app: Name
     process: ProcessInfo
     seq: Count
+    interval: Seconds | None = None  # the process's push interval; older clients omit it
     pools: list[PoolReport] = Field(max_length=MAX_POOLS_PER_REPORT)
 
     @field_validator("pools")
@@ -138,6 +150,21 @@ class Totals:
                 counts[i] += c
             self.sums[h] += hist.sum
 
+    def subtract(self, p: PoolReport) -> None:
+        """Take back what `add(p)` put in (a departed process that reports again)."""
+        self.checkouts -= p.checkouts
+        self.timeouts -= p.timeouts
+        for reason, n in p.closed.items():
+            self.closed[reason] -= n
+        for h in HISTOGRAMS:
+            hist: HistogramReport = getattr(p, h)
+            counts = self.counts[h]
+            for i, c in enumerate(hist.counts):
+                counts[i] -= c
+            # (x + s) - s may differ from x by an ulp: the exported sums have a floor
+            # (AppState.sum_floor), so that never shows as a decrease.
+            self.sums[h] = max(self.sums[h] - hist.sum, 0.0)
+
     def copy(self) -> Totals:
         return Totals(
             self.checkouts,
@@ -149,15 +176,27 @@ class Totals:
 
 
 def _went_backwards(old: PoolReport, new: PoolReport) -> bool:
+    """Whether the process started over, judged by integer counts only: a float sum built
+    from the same observations in another order can come out an ulp smaller."""
     if new.checkouts < old.checkouts or new.timeouts < old.timeouts:
         return True
     if any(new.closed.get(r, 0) < n for r, n in old.closed.items()):
         return True
     for h in HISTOGRAMS:
         a, b = getattr(old, h), getattr(new, h)
-        if b.sum < a.sum or any(y < x for x, y in zip(a.counts, b.counts, strict=True)):
+        if any(y < x for x, y in zip(a.counts, b.counts, strict=True)):
             return True
     return False
+
+
+def _keep_sums(old: PoolReport, new: PoolReport) -> PoolReport:
+    """`new` with each histogram sum at least the old one (a continuing process)."""
+    update = {
+        h: getattr(new, h).model_copy(update={"sum": getattr(old, h).sum})
+        for h in HISTOGRAMS
+        if getattr(new, h).sum < getattr(old, h).sum
+    }
+    return new.model_copy(update=update) if update else new
 
 
 @dataclass
@@ -167,6 +206,7 @@ class Process:
     seq: int
     last_seen: float  # monotonic
     pools: dict[str, PoolReport]
+    stale_after: float = 0.0  # seconds of silence after which it departs
 
 
 @dataclass
@@ -175,6 +215,19 @@ class AppState:
     pools: set[str] = field(default_factory=set)  # every pool ever accepted (the cap)
     live: int = 0
     idle_since: float = 0.0  # monotonic time the last live process left
+    # (pool, histogram) -> the highest sum exported: float sums regrouped when a process
+    # departs or comes back can come out an ulp lower, and a counter must not go backwards.
+    sum_floor: dict[tuple[str, str], float] = field(default_factory=dict)
+
+
+@dataclass
+class Gone:
+    """A departed process: what was folded into `app.departed` for it, until `until`."""
+
+    app: AppState
+    seq: int
+    pools: dict[str, PoolReport]
+    until: float  # monotonic
 
 
 class Refused(Exception):
@@ -193,6 +246,8 @@ class AppsAggregator(Source):
         self.clock = clock
         self.processes: dict[tuple[str, str], Process] = {}
         self.apps: dict[str, AppState] = {}
+        # recently departed processes, oldest first; at most max_processes of them
+        self.gone: dict[tuple[str, str], Gone] = {}
         self.results: dict[str, float] = dict.fromkeys(("accepted",), 0.0)
         self._token: str | None = None
         self._token_read = -math.inf
@@ -202,9 +257,22 @@ class AppsAggregator(Source):
         try:
             doc = self._accept(body, authorization)
         except Refused as r:
-            self._count(r.result)
-            return r.status, {"status": "refused", "reason": r.result, "error": r.message}
+            return self.refuse(r.status, r.result, r.message)
         return 200, doc
+
+    def refuse(self, status: int, result: str, message: str) -> tuple[int, dict]:
+        """Count a refusal (also those the HTTP route makes) and build its answer."""
+        self._count(result)
+        return status, {"status": "refused", "reason": result, "error": message}
+
+    def authorize(self, authorization: str | None) -> tuple[int, dict] | None:
+        """The 401 refusal (counted) for a push without a valid token, else None. The HTTP
+        route asks this before it gives the push an ingest slot or reads its body."""
+        try:
+            self._check_token(authorization)
+        except Refused as r:
+            return self.refuse(r.status, r.result, r.message)
+        return None
 
     def _count(self, result: str) -> None:
         self.results[result] = self.results.get(result, 0.0) + 1
@@ -281,6 +349,11 @@ class AppsAggregator(Source):
             proc.last_seen = now
             self._count("out_of_order")
             return {"status": "ignored", "reason": "out_of_order"}
+        gone = self.gone.get(key) if proc is None else None
+        if gone is not None and report.seq <= gone.seq:
+            # Not newer than what was folded in when the process departed.
+            self._count("out_of_order")
+            return {"status": "ignored", "reason": "out_of_order"}
         app = self.apps.get(report.app)
         if app is None and len(self.apps) >= self.config.max_apps:
             self._expire(now)
@@ -314,14 +387,25 @@ class AppsAggregator(Source):
         if proc is None:
             proc = self.processes[key] = Process(report.app, report.process.id, 0, now, {})
             app.live += 1
+            gone = self.gone.pop(key, None)
+            if gone is not None and gone.app is app:
+                # Back after a silence: take out what was folded in when it departed and
+                # carry on from there, as if it had never left.
+                for name, p in gone.pools.items():
+                    app.departed[name].subtract(p)
+                proc.pools, proc.seq = gone.pools, gone.seq
         for name, old in proc.pools.items():
             new = pools.get(name)
             if new is None or _went_backwards(old, new):
                 # The process stopped reporting this pool or started over: keep what it had.
                 app.departed.setdefault(name, Totals()).add(old)
+            else:
+                pools[name] = _keep_sums(old, new)
         proc.pools = pools
         proc.seq = report.seq
         proc.last_seen = now
+        interval = min(report.interval or 0.0, MAX_INTERVAL)
+        proc.stale_after = max(self.config.stale_after, INTERVALS_STALE * interval)
         result = "pool_limit" if refused else "accepted"
         self._count(result)
         doc: dict[str, Any] = {"status": "accepted", "pools": len(pools)}
@@ -336,14 +420,17 @@ class AppsAggregator(Source):
             return
         idle = [(a.idle_since, name) for name, a in self.apps.items() if a.live == 0]
         if idle:
-            del self.apps[min(idle)[1]]
+            forgotten = self.apps.pop(min(idle)[1])
+            for key in [k for k, g in self.gone.items() if g.app is forgotten]:
+                del self.gone[key]
 
     # -- expiry and samples ---------------------------------------------------------------------
     def _expire(self, now: float) -> None:
-        cutoff = now - self.config.stale_after
         for key, proc in list(self.processes.items()):
-            if proc.last_seen < cutoff:
+            if proc.last_seen < now - max(proc.stale_after, self.config.stale_after):
                 self._depart(key, proc, now)
+        for key in [k for k, g in self.gone.items() if g.until < now]:
+            del self.gone[key]
 
     def _depart(self, key: tuple[str, str], proc: Process, now: float) -> None:
         app = self.apps.get(proc.app)
@@ -355,6 +442,12 @@ class AppsAggregator(Source):
         app.live -= 1
         if app.live == 0:
             app.idle_since = now
+        # Remembered a while (bounded), so that a return is not counted twice.
+        stale = max(proc.stale_after, self.config.stale_after)
+        self.gone.pop(key, None)  # re-inserted last: the dict stays oldest first
+        self.gone[key] = Gone(app, proc.seq, proc.pools, now + GONE_KEEP * stale)
+        while len(self.gone) > self.config.max_processes:
+            del self.gone[next(iter(self.gone))]
 
     async def sample(self) -> Iterable[Sample]:
         self._expire(self.clock())
@@ -373,6 +466,9 @@ class AppsAggregator(Source):
                 totals = app.departed.get(pool, Totals()).copy()
                 for p in reports:
                     totals.add(p)
+                for h in HISTOGRAMS:
+                    floor = max(totals.sums[h], app.sum_floor.get((pool, h), 0.0))
+                    totals.sums[h] = app.sum_floor[(pool, h)] = floor
                 out.extend(_pool_samples(app_name, pool, totals, reports))
         for result, n in self.results.items():
             out.append(Sample(m.REPORTS, (result,), n))
