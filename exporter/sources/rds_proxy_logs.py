@@ -118,7 +118,8 @@ class PinningLogs:
             for key in [key for key in self.counts if key[0] == name]:
                 del self.counts[key]
             log.info(
-                "rds proxy gone; its pinning counts are no longer exported", extra=kv(proxy=name)
+                "rds proxy gone for good; its log cursor and pinning counts are dropped",
+                extra=kv(proxy=name, gone_for=round(self.forget_after)),
             )
 
     def read(self, proxies: list[str]) -> None:
@@ -207,7 +208,7 @@ class PinningLogs:
         except AwsApiError as exc:
             problem = _SETUP_ERRORS.get(exc.code)
             if problem is None:
-                raise  # throttling, 5xx, credentials: the runner backs off
+                raise  # throttling: read() skips the logs; 5xx, credentials: the runner backs off
             if problem != state.problem:
                 log.warning(
                     f"rds proxy pinning logs unavailable: {problem}; {_HINTS[problem]}",
