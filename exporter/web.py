@@ -68,8 +68,9 @@ INGEST_SLOT_WAIT = 2.0  # seconds a push may wait for a free ingest slot before 
 INGEST_READ_TIMEOUT = 10.0  # seconds a client gets to send a report body
 
 
-def _refused(status: int, reason: str, error: str, **headers: str) -> web.Response:
-    body = {"status": "refused", "reason": reason, "error": error}
+def _refused(answer: tuple[int, dict], **headers: str) -> web.Response:
+    """The JSON answer of a refusal the aggregator has counted (`AppsAggregator.refuse`)."""
+    status, body = answer
     return web.json_response(body, status=status, headers=headers or None)
 
 
@@ -88,15 +89,23 @@ async def _read_body(request: web.Request, limit: int) -> bytes:
 
 
 async def reports(request: web.Request) -> web.Response:
+    """POST /api/v1/reports. Every refusal is counted in pgpressure_reports_total{result}."""
     daemon = request.app[DAEMON]
     apps = daemon.apps
     if apps is None:
         return web.json_response({"error": "ingest is disabled"}, status=404)
+    # The token first, from the headers alone: a push without one never takes an ingest
+    # slot nor gets INGEST_READ_TIMEOUT to send its body.
+    unauthorized = apps.authorize(request.headers.get("Authorization"))
+    if unauthorized is not None:
+        return _refused(unauthorized)
     encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
     if encoding not in ("", "identity"):
         # Reports are small and sent uncompressed; inflating would let 1 MB on the wire
         # become 1 GB of work on the event loop.
-        return _refused(415, "unsupported_encoding", "send reports without Content-Encoding")
+        return _refused(
+            apps.refuse(415, "unsupported_encoding", "send reports without Content-Encoding")
+        )
     # Bounded: at most max_concurrent_requests reports are read and aggregated at once, and
     # a push waits a short while for a slot instead of queueing without limit.
     slots = daemon.ingest_slots
@@ -104,7 +113,8 @@ async def reports(request: web.Request) -> web.Response:
         async with asyncio.timeout(INGEST_SLOT_WAIT):
             await slots.acquire()
     except TimeoutError:
-        return _refused(503, "busy", "too many concurrent reports; retry", **{"Retry-After": "5"})
+        busy = apps.refuse(503, "busy", "too many concurrent reports; retry")
+        return _refused(busy, **{"Retry-After": "5"})
     try:
         try:
             async with asyncio.timeout(INGEST_READ_TIMEOUT):
@@ -112,7 +122,7 @@ async def reports(request: web.Request) -> web.Response:
                 # oversized report with 413 without ever holding it in memory.
                 body = await _read_body(request, daemon.config.ingest.max_body_bytes)
         except TimeoutError:
-            return _refused(408, "timeout", "the report body was not received in time")
+            return _refused(apps.refuse(408, "timeout", "the report body was not received in time"))
         status, doc = await apps.handle_report(body, request.headers.get("Authorization"))
     finally:
         slots.release()

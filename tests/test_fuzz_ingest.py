@@ -90,6 +90,7 @@ PATHS = [
     ("version",),
     ("app",),
     ("seq",),
+    ("interval",),
     ("process",),
     ("process", "id"),
     ("process", "pid"),
@@ -489,3 +490,54 @@ def test_http_malformed_requests_cannot_flood_the_log(daemon) -> None:
     added = len(daemon.log().splitlines()) - before
     print(f"\n300 malformed requests added {added} log lines")
     assert added <= 20
+
+
+def _open_push(port: int, token: str | None = None) -> socket.socket:
+    """A push that sends its headers and one byte of a 100 kB body, then nothing more."""
+    s = socket.create_connection(("127.0.0.1", port))
+    auth = f"Authorization: Bearer {token}\r\n" if token else ""
+    head = f"POST /api/v1/reports HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n{auth}"
+    s.sendall(f"{head}\r\n{{".encode())
+    return s
+
+
+def _status_line(s: socket.socket, timeout: float) -> bytes:
+    s.settimeout(timeout)
+    try:
+        return s.recv(100).split(b"\r\n", 1)[0]
+    except TimeoutError:
+        return b"(no answer in time)"
+
+
+@pytest.mark.slow
+def test_http_refusals_come_before_slots_and_are_all_counted() -> None:
+    """Slow pushes without a token are refused with 401 from their headers alone: they never
+    hold an ingest slot (with them, 2 slots would be taken for 10 s each). The route's own
+    refusals, 415, 503 and 408, are counted like every other."""
+    config = f"databases: []\ningest:\n  token: {TOKEN}\n  max_concurrent_requests: 2\n"
+    with run_daemon(config) as d:
+        port = int(d.url.rsplit(":", 1)[1])
+        squatters = [_open_push(port) for _ in range(6)]
+        for s in squatters:
+            assert _status_line(s, 5) == b"HTTP/1.1 401 Unauthorized"
+        t0 = time.monotonic()
+        assert post(d, dumps(report(app="through", seq=1))).status_code == 200
+        assert time.monotonic() - t0 < 1.5
+        r = post(d, dumps(report(app="through", seq=2)), {"Content-Encoding": "gzip"})
+        assert (r.status_code, r.json()["reason"]) == (415, "unsupported_encoding")
+        holders = [_open_push(port, TOKEN) for _ in range(2)]  # both slots, 10 s each
+        time.sleep(0.5)
+        r = post(d, dumps(report(app="through", seq=3)))
+        assert (r.status_code, r.json()["reason"]) == (503, "busy")
+        for s in holders:
+            assert _status_line(s, 15) == b"HTTP/1.1 408 Request Timeout"
+        for s in squatters + holders:
+            s.close()
+        want = {"accepted": 1, "unauthorized": 6, "unsupported_encoding": 1, "busy": 1}
+        want["timeout"] = 2
+        d.wait_for(
+            lambda: all(
+                d.value("pgpressure_reports_total", result=k) == n for k, n in want.items()
+            ),
+            timeout=5,
+        )
