@@ -547,7 +547,9 @@ def test_aws_throttling_500s_and_malformed_answers_back_off_without_crashing(mot
             )
         after = {"tasks": d.tasks(), "threads": d.threads(), "fds": d.fds()}
         print(f"resources before {baseline} after {after}")
-        assert after["tasks"] <= baseline["tasks"]
+        # One more task is a poll or a scrape in flight on a loaded machine (seen in about
+        # one run in three); a leak would add at least one per fault round, eight here.
+        assert after["tasks"] <= baseline["tasks"] + 1
         assert after["threads"] <= baseline["threads"] + 2
         assert after["fds"] <= baseline["fds"] + 4
         log = d.log()
