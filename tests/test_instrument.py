@@ -7,6 +7,7 @@ import gc
 import http.server
 import json
 import os
+import random
 import threading
 import time
 import uuid
@@ -14,9 +15,11 @@ from collections.abc import Callable, Iterator
 
 import pytest
 import sqlalchemy as sa
-from sqlalchemy.pool import NullPool, SingletonThreadPool, StaticPool
+from sqlalchemy.pool import NullPool, QueuePool, SingletonThreadPool, StaticPool
 
 from exporter.instrument import flush, instrument
+from exporter.instrument import pool as instrument_pool
+from exporter.instrument import stats as instrument_stats
 from exporter.instrument.reporter import REPORTER
 
 
@@ -349,3 +352,132 @@ def test_forked_child_starts_over_with_its_own_identity(pg, receiver):
     assert push(receiver, app)["checkouts"] == 1
     assert receiver.last(app, pid=os.getpid())["process"]["id"] == parent_id
     engine.dispose()
+
+
+HISTOGRAMS = ("wait", "use", "create", "query")
+
+
+def test_capacity_is_reported_once_the_pool_has_checked_out(pg, receiver):
+    """The master of `gunicorn --preload` instruments the engine and forks, but never checks
+    out: it must not add a pool's worth of idle capacity to the app's max."""
+    app = app_name()
+    engine = sa.create_engine(url(pg), pool_size=4, max_overflow=2)
+    instrument(engine, app=app, endpoint=receiver.url, interval=60)
+    p = push(receiver, app)
+    assert (p["size"], p["max"], p["used"], p["idle"]) == (0, 0, 0, 0)
+    with engine.connect():
+        pass
+    p = push(receiver, app)
+    assert (p["size"], p["max"], p["used"], p["idle"]) == (4, 6, 0, 1)
+    engine.dispose()
+
+
+class IrregularClock:
+    """perf_counter readings from near zero, moving by irregular steps. Float differences of
+    them are not all multiples of one quantum: so it goes in a long-running process once its
+    sums outgrow 2**53 ulps of the clock, and then float additions regrouped can differ."""
+
+    def __init__(self) -> None:
+        self.t = 0.0
+        self.rng = random.Random(7)
+        self.base = time.perf_counter_ns()
+
+    def seconds(self) -> float:
+        self.t += self.rng.uniform(1e-4, 1e-2)
+        return self.t
+
+    def ns(self) -> int:
+        return self.base + int(self.seconds() * 1e9)
+
+
+def test_report_sums_never_decrease_as_engines_retire(pg, receiver, monkeypatch):
+    """A retiring engine's totals move from the live engines to the retired ones: the same
+    observations added in another grouping. The report's sums must not change by an ulp (the
+    daemon would take a smaller sum for a restart)."""
+    clock = IrregularClock()
+    for module in (instrument_pool, instrument_stats):
+        monkeypatch.setattr(module, "perf_counter", clock.seconds, raising=False)
+        monkeypatch.setattr(module, "perf_counter_ns", clock.ns, raising=False)
+    app = app_name()
+    engines = []
+    for _ in range(30):
+        engine = sa.create_engine(url(pg), poolclass=NullPool)
+        instrument(engine, app=app, endpoint=receiver.url, interval=60)
+        with engine.connect() as conn:
+            conn.execute(sa.text("SELECT 1"))
+        engines.append(engine)
+        del engine
+        before = push(receiver, app)
+        if len(engines) > 3:
+            engines.pop(0)
+            gc.collect()  # the oldest engine retires; nothing new is observed
+            after = push(receiver, app)
+            assert after["checkouts"] == before["checkouts"]
+            for h in HISTOGRAMS:
+                assert after[h]["sum"] == before[h]["sum"], h
+    assert sum(1 for k in REPORTER._retired if k[2] == app) == 1
+
+
+@pytest.mark.parametrize("poolclass", [NullPool, QueuePool])
+def test_detached_connections_end_their_checkout(pg, receiver, poolclass):
+    """`fairy.detach()` hands the record back through `_do_return_conn` only: the checkout
+    ends there (NullPool's `used` grew by one per detach)."""
+    app = app_name()
+    engine = sa.create_engine(url(pg), poolclass=poolclass)
+    instrument(engine, app=app, endpoint=receiver.url, interval=60)
+    for _ in range(3):
+        conn = engine.connect()
+        conn.detach()
+        conn.close()  # closes the detached DBAPI connection for real
+    with engine.connect() as conn:
+        conn.execute(sa.text("SELECT 1"))
+    p = push(receiver, app)
+    assert (p["used"], p["checkouts"], count(p["use"])) == (0, 4, 4)
+    assert p["closed"]["other"] >= 3
+    engine.dispose()
+
+
+def test_nested_singleton_checkout_keeps_the_outer_hold_time(receiver):
+    app = app_name()
+    engine = sa.create_engine("sqlite://", poolclass=SingletonThreadPool)
+    instrument(engine, app=app, endpoint=receiver.url, interval=60)
+    with engine.connect() as outer:
+        time.sleep(0.2)
+        with engine.connect() as inner:  # the same connection again
+            inner.execute(sa.text("SELECT 1"))
+        outer.execute(sa.text("SELECT 1"))
+    p = push(receiver, app)
+    assert (p["checkouts"], p["used"], count(p["use"])) == (2, 0, 1)
+    assert p["use"]["sum"] >= 0.2
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_connection_checked_out_before_a_fork_is_not_the_childs(receiver):
+    """A connection held across the fork and returned in the child was the parent's
+    checkout: the child's `used` must not go below zero (and then under-count)."""
+    engine = sa.create_engine("sqlite://", poolclass=NullPool)
+    handle = instrument(engine, app=app_name(), endpoint=receiver.url, interval=60)
+    conn = engine.connect()
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            os.close(read_end)
+            conn.close()
+            held = engine.connect()
+            p = handle.snapshot()
+            os.write(write_end, json.dumps([p["used"], p["checkouts"], count(p["use"])]).encode())
+            held.close()
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(write_end)
+    with os.fdopen(read_end) as pipe:
+        child = json.loads(pipe.read())
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert child == [1, 1, 0]
+    conn.close()
+    p = handle.snapshot()
+    assert (p["used"], p["checkouts"], count(p["use"])) == (0, 1, 1)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -332,3 +333,66 @@ def test_bad_pushes_get_4xx_are_counted_and_the_daemon_carries_on(tmp_path):
         assert daemon.get("/-/healthy").status_code == 200
         assert daemon.value("sqlalchemy_pool_checkouts_total", app="bad-pushes") == 1
         assert daemon.value("pgpressure_source_up", source="apps") == 1
+
+
+PRELOAD = textwrap.dedent("""
+    import os, sys, threading, time
+    import sqlalchemy as sa
+    from exporter.instrument import instrument
+    dsn, endpoint = sys.argv[1], sys.argv[2]
+    # the master of gunicorn --preload: instruments the engine, forks, serves nothing
+    engine = sa.create_engine(dsn, pool_size=2, max_overflow=1, pool_timeout=60)
+    instrument(engine, app="preload", endpoint=endpoint, interval=0.2)
+    for _ in range(2):
+        if os.fork() == 0:  # a worker, exhausted: every connection held, one caller waiting
+            engine.dispose(close=False)
+            held = [engine.connect() for _ in range(3)]
+            threading.Thread(target=engine.connect, daemon=True).start()
+            print("worker", flush=True)
+            time.sleep(120)
+            os._exit(0)
+    print("master", flush=True)
+    time.sleep(120)
+""")
+
+
+@pytest.mark.slow
+def test_preloading_master_does_not_dilute_pool_capacity(pg, tmp_path):
+    """Under gunicorn --preload the master reports the engine too; it never checks out, so it
+    must add nothing to the app's capacity, or used/max never reaches 1
+    (SQLAlchemyPoolExhausted could never fire)."""
+    script = tmp_path / "preload.py"
+    script.write_text(PRELOAD)
+    with run_daemon(config()) as daemon:
+        master = subprocess.Popen(
+            [sys.executable, str(script), url(pg), daemon.url],
+            stdout=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "PYTHONPATH": os.getcwd()},
+            start_new_session=True,
+        )
+        try:
+            assert sorted(master.stdout.readline().strip() for _ in range(3)) == [
+                "master",
+                "worker",
+                "worker",
+            ]
+
+            def gauges() -> tuple:
+                return tuple(
+                    daemon.value(name, app="preload", **labels)
+                    for name, labels in (
+                        ("sqlalchemy_app_processes", {}),
+                        ("sqlalchemy_pool_connections", {"state": "used"}),
+                        ("sqlalchemy_pool_pending_requests", {}),
+                        ("sqlalchemy_pool_size", {}),
+                        ("sqlalchemy_pool_max_connections", {}),
+                    )
+                )
+
+            daemon.wait_for(lambda: gauges()[:3] == (3, 6, 2), timeout=10)
+            time.sleep(0.5)  # a few more pushes of the master
+            assert gauges() == (3, 6, 2, 4, 6)  # used == max: exhausted
+        finally:
+            os.killpg(master.pid, signal.SIGKILL)
+            master.wait()

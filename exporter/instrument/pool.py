@@ -8,7 +8,8 @@ listener at all, and the events registered on the pool travel with its dispatch.
 
 The checkout timestamp is taken in the wrapper (sparing the checkout event, whose presence
 also makes SQLAlchemy take its slower checkout path) and the hold time in an override of
-`_return_conn`, the step every checkin goes through; connect, invalidate and close are events.
+`_do_return_conn`, the step both a checkin and `fairy.detach()` go through (a detach skips
+`_return_conn`); connect, invalidate and close are events. Times are integer nanoseconds.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import time
 import weakref
-from time import perf_counter
+from time import perf_counter_ns
 from typing import Any
 
 from sqlalchemy import event
@@ -25,8 +26,7 @@ from sqlalchemy.pool import Pool, QueuePool
 
 from exporter.instrument.stats import PoolStats
 
-_T_OUT = "_pgpressure_out"  # record.info: perf_counter() at checkout
-_T_CREATE = "_pgpressure_create"  # record.info: perf_counter() before the DBAPI connect
+_T_OUT = "_pgpressure_out"  # record.info: perf_counter_ns() at checkout
 _INVALIDATED = "_pgpressure_invalidated"
 _RETURNING = "_pgpressure_returning"  # record.info: being returned to a full QueuePool
 
@@ -47,9 +47,7 @@ def wrap_pool(pool: Pool, stats: PoolStats) -> None:
         "connect": _make_connect(base, stats),
         "__module__": __name__,
     }
-    namespace["_return_conn"] = _make_checkin(base, stats)
-    if issubclass(base, QueuePool):
-        namespace["_do_return_conn"] = _make_return(base)
+    namespace["_do_return_conn"] = _make_return(base, stats)
     sub = type(f"Instrumented{base.__name__}", (base,), namespace)
     pool.__class__ = sub
     _bind(pool, stats)
@@ -65,10 +63,10 @@ def _bind(pool: Pool, stats: PoolStats) -> None:
     def timed_creator(record: Any) -> Any:
         # Time the DBAPI connect itself; the connect event (dialect initialisation on the
         # first connection) is not part of it.
-        t0 = perf_counter()
+        t0 = perf_counter_ns()
         conn = creator(record)
         try:
-            elapsed = perf_counter() - t0
+            elapsed = perf_counter_ns() - t0
             with stats.lock:
                 stats.create.observe(elapsed)
         except Exception:
@@ -91,7 +89,7 @@ def _make_connect(base: type[Pool], stats: PoolStats) -> Any:
     base_connect = base.connect
 
     def connect(self: Pool) -> Any:
-        t0 = perf_counter()
+        t0 = perf_counter_ns()
         waiting = stats.waiting
         waiting.append(None)  # deque append/pop are atomic: pending needs no lock
         try:
@@ -100,17 +98,20 @@ def _make_connect(base: type[Pool], stats: PoolStats) -> Any:
             waiting.pop()
             with stats.lock:
                 stats.timeouts += 1
-                stats.wait.observe(perf_counter() - t0)
+                stats.wait.observe(perf_counter_ns() - t0)
             raise
         except BaseException:
             waiting.pop()
             raise
-        t1 = perf_counter()
+        t1 = perf_counter_ns()
         waiting.pop()
         try:
             info = fairy.info
-            fresh = _T_OUT not in info  # SingletonThreadPool hands out the same fairy twice
-            info[_T_OUT] = t1
+            # SingletonThreadPool hands out the same fairy again to a nested checkout: the
+            # hold time runs from the outer checkout, which alone is returned.
+            fresh = _T_OUT not in info
+            if fresh:
+                info[_T_OUT] = t1
         except Exception:
             fresh = False
         with stats.lock:
@@ -123,34 +124,32 @@ def _make_connect(base: type[Pool], stats: PoolStats) -> Any:
     return connect
 
 
-def _make_checkin(base: type[Pool], stats: PoolStats) -> Any:
-    """Hold time at checkin. `Pool._return_conn` is what every checkin goes through, right
-    after the `checkin` event; overriding it measured cheaper than listening to the event
+def _make_return(base: type[Pool], stats: PoolStats) -> Any:
+    """Hold time and `used` when a connection goes back. `_do_return_conn` is what every
+    checkin goes through (via `_return_conn`, right after the `checkin` event) and also
+    `fairy.detach()`, which bypasses `_return_conn`; the record is not available to another
+    checkout before it. Overriding it measured cheaper than listening to the checkin event
     (bench/bench_instrument.py: a no-op checkin listener alone added 2-4 us of CPU per
     checkout on psycopg), and the subclass is there anyway."""
-    base_return = base._return_conn
-
-    def _return_conn(self: Pool, record: Any) -> None:
-        try:
-            t0 = record.info.pop(_T_OUT, None)
-            if t0 is not None:
-                elapsed = perf_counter() - t0
-                with stats.lock:
-                    stats.used -= 1
-                    stats.use.observe(elapsed)
-        except Exception:
-            pass
-        base_return(self, record)
-
-    return _return_conn
-
-
-def _make_return(base: type[Pool]) -> Any:
     base_return = base._do_return_conn
+    queue = issubclass(base, QueuePool)
 
     def _do_return_conn(self: Pool, record: Any) -> None:
+        try:
+            info = record.info
+            t0 = info.pop(_T_OUT, None)
+            if t0 is not None and t0 >= stats.born:  # else checked out before a fork
+                elapsed = perf_counter_ns() - t0
+                with stats.lock:
+                    if stats.used > 0:
+                        stats.used -= 1
+                    stats.use.observe(elapsed)
+        except Exception:
+            info = None
+        if not queue or info is None:
+            base_return(self, record)
+            return
         # A QueuePool closes a returned connection only when the queue is full: overflow.
-        info = record.info
         info[_RETURNING] = True
         try:
             base_return(self, record)
@@ -230,11 +229,11 @@ def time_statements(engine: Any, stats: PoolStats) -> None:
 
 def _timed(original: Any, stats: PoolStats) -> Any:
     def timed(*args: Any, **kwargs: Any) -> Any:
-        t0 = perf_counter()
+        t0 = perf_counter_ns()
         try:
             return original(*args, **kwargs)
         finally:
-            elapsed = perf_counter() - t0
+            elapsed = perf_counter_ns() - t0
             with stats.lock:
                 stats.query.observe(elapsed)
 

@@ -103,7 +103,7 @@ class Reporter:
             parts = [(r.key, r.stats) for r in alive] + list(self._retired.items())
         by_pool: dict[tuple[str, str | None, str, str], list[dict[str, Any]]] = {}
         for key, stats in parts:
-            by_pool.setdefault(key, []).append(stats.snapshot(key[3]))
+            by_pool.setdefault(key, []).append(stats.raw_snapshot(key[3]))
         groups: dict[tuple[str, str | None, str], list[dict[str, Any]]] = {}
         for (endpoint, token, app, _), docs in by_pool.items():
             groups.setdefault((endpoint, token, app), []).append(merge_snapshots(docs))

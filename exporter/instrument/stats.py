@@ -3,6 +3,11 @@
 Everything is cumulative and fixed-size, so memory does not grow with traffic or with how
 long the daemon has been unreachable: a push that fails is simply superseded by the next.
 One lock per pool guards the numbers; the request path holds it for a few additions only.
+
+Times are integer nanoseconds (`perf_counter_ns`) and histogram sums are kept as integers, so
+adding up engines, retired engines and processes in any order gives the same total: a float
+sum regrouped can come out an ulp smaller, which the daemon would see as a counter going
+backwards. Seconds appear only in the report.
 """
 
 from __future__ import annotations
@@ -11,30 +16,36 @@ import threading
 import weakref
 from bisect import bisect_left
 from collections import deque
+from time import perf_counter_ns
 from typing import Any
 
 from exporter.instrument.schema import BOUNDS, CLOSE_REASONS, HISTOGRAMS, NBUCKETS
 
+NS = 1_000_000_000
+BOUNDS_NS: tuple[int, ...] = tuple(round(b * NS) for b in BOUNDS)
+
 
 class Histogram:
-    __slots__ = ("counts", "sum")
+    __slots__ = ("counts", "sum_ns")
 
     def __init__(self) -> None:
         self.counts = [0] * NBUCKETS
-        self.sum = 0.0
+        self.sum_ns = 0
 
-    def observe(self, value: float) -> None:
+    def observe(self, ns: int) -> None:
+        """One observation, in integer nanoseconds."""
         # bisect_left puts a value equal to a bound into that bound's bucket (le semantics).
-        self.counts[bisect_left(BOUNDS, value)] += 1
-        self.sum += value
+        self.counts[bisect_left(BOUNDS_NS, ns)] += 1
+        self.sum_ns += ns
 
     def add(self, other: Histogram) -> None:
         for i, c in enumerate(other.counts):
             self.counts[i] += c
-        self.sum += other.sum
+        self.sum_ns += other.sum_ns
 
     def to_json(self) -> dict[str, Any]:
-        return {"counts": list(self.counts), "sum": self.sum}
+        """Counts and the sum in nanoseconds (`merge_snapshots` makes it seconds)."""
+        return {"counts": list(self.counts), "sum_ns": self.sum_ns}
 
 
 class PoolStats:
@@ -51,8 +62,11 @@ class PoolStats:
         self.reset()
 
     def reset(self) -> None:
-        """Zero everything: used in a forked child, which is a new process with its own totals."""
+        """Zero everything: used in a forked child, which is a new process with its own totals.
+        A connection checked out before `born` (in the parent, before the fork) is not this
+        process's: returning it changes neither `used` nor the hold times."""
         self.lock = threading.Lock()
+        self.born = perf_counter_ns()
         self.waiting: deque[None] = deque()  # one entry per caller inside connect()
         self.used = 0
         self.opened = 0
@@ -75,7 +89,13 @@ class PoolStats:
             getattr(self, name).add(getattr(other, name))
 
     def gauges(self) -> dict[str, Any]:
-        """used/idle/pending/size/max now; `max` None means unbounded."""
+        """used/idle/pending/size/max now; `max` None means unbounded.
+
+        Capacity (size and max) is reported as 0 until the pool has checked out a connection
+        in this process: the master of `gunicorn --preload` instruments the engine and forks
+        its workers, never serves a request itself, and must not add a pool's worth of idle
+        capacity to the app (SQLAlchemyPoolExhausted compares used with max).
+        """
         pool = self.pool_ref() if self.pool_ref is not None else None
         used = max(self.used, 0)
         idle = max(self.opened - self.closed_count - used, 0)
@@ -98,6 +118,8 @@ class PoolStats:
             size, maximum = 1, 1
         elif kind == "NullPool":
             size, idle = 0, 0
+        if not (self.checkouts or self.timeouts):
+            size, maximum = 0, 0
         return {
             "kind": kind,
             "used": used,
@@ -108,6 +130,11 @@ class PoolStats:
         }
 
     def snapshot(self, name: str) -> dict[str, Any]:
+        """This pool's part of a report, as sent."""
+        return merge_snapshots([self.raw_snapshot(name)])
+
+    def raw_snapshot(self, name: str) -> dict[str, Any]:
+        """The same with the histogram sums still in integer nanoseconds (`sum_ns`)."""
         with self.lock:
             doc: dict[str, Any] = {
                 "pool": name,
@@ -122,7 +149,9 @@ class PoolStats:
 
 
 def merge_snapshots(docs: list[dict[str, Any]]) -> dict[str, Any]:
-    """Two engines reporting under one (app, pool) in a process are one logical pool."""
+    """Raw snapshots (`PoolStats.raw_snapshot`) of engines reporting under one (app, pool) in
+    a process, as the one logical pool of the report. Every sum is added as an integer and
+    turned into seconds once, so the order of `docs` cannot change the result."""
     out = docs[0]
     for doc in docs[1:]:
         for key in ("used", "idle", "pending", "checkouts", "timeouts"):
@@ -135,5 +164,7 @@ def merge_snapshots(docs: list[dict[str, Any]]) -> dict[str, Any]:
             out[h]["counts"] = [
                 a + b for a, b in zip(out[h]["counts"], doc[h]["counts"], strict=True)
             ]
-            out[h]["sum"] += doc[h]["sum"]
+            out[h]["sum_ns"] += doc[h]["sum_ns"]
+    for h in HISTOGRAMS:
+        out[h]["sum"] = out[h].pop("sum_ns") / NS  # int / int: correctly rounded, monotonic
     return out
