@@ -6,6 +6,8 @@ import asyncio
 import gc
 import http.server
 import json
+import logging
+import math
 import os
 import random
 import threading
@@ -416,6 +418,48 @@ def test_report_sums_never_decrease_as_engines_retire(pg, receiver, monkeypatch)
             for h in HISTOGRAMS:
                 assert after[h]["sum"] == before[h]["sum"], h
     assert sum(1 for k in REPORTER._retired if k[2] == app) == 1
+
+
+@pytest.mark.parametrize("endpoint", ["http://127.0.0.1:99999", "http://pgpressure:port"])
+def test_endpoint_with_a_bad_port_is_refused_by_instrument(endpoint):
+    engine = sa.create_engine("sqlite://")
+    with pytest.raises(ValueError, match="port"):
+        instrument(engine, app=app_name(), endpoint=endpoint)
+    assert not [r for r in REPORTER._regs if r.endpoint == endpoint]
+
+
+def test_interval_is_checked_and_a_bad_environment_falls_back(monkeypatch, caplog):
+    caplog.set_level(logging.WARNING, logger="pgpressure.instrument")
+    with pytest.raises(ValueError, match="finite"):
+        instrument(sa.create_engine("sqlite://"), app=app_name(), interval=float("nan"))
+    for raw in ("nan", "inf", "five"):
+        monkeypatch.setenv("PGPRESSURE_INTERVAL", raw)
+        caplog.clear()
+        handle = instrument(sa.create_engine("sqlite://"), app=app_name())
+        assert handle.interval == 5.0, raw
+        assert "PGPRESSURE_INTERVAL" in caplog.text
+    monkeypatch.setenv("PGPRESSURE_INTERVAL", "600")
+    caplog.clear()
+    assert instrument(sa.create_engine("sqlite://"), app=app_name()).interval == 600.0
+    assert "every 600s" in caplog.text
+    assert all(math.isfinite(r.interval) for r in REPORTER._regs)
+
+
+def test_push_failures_are_logged_when_they_start_or_change(pg, receiver, caplog):
+    app = app_name()
+    engine = sa.create_engine(url(pg))
+    instrument(engine, app=app, endpoint=receiver.url, interval=60)
+    caplog.set_level(logging.INFO, logger="pgpressure.instrument")
+    for status in (500, 500, 401, 401, 200, 200):
+        receiver.status = status
+        flush()
+    mine = [(r.levelname, r.getMessage()) for r in caplog.records if receiver.url in r.getMessage()]
+    assert [(level, "HTTP 500" in m, "HTTP 401" in m) for level, m in mine] == [
+        ("WARNING", True, False),
+        ("WARNING", False, True),
+        ("INFO", False, False),
+    ]
+    engine.dispose()
 
 
 @pytest.mark.parametrize("poolclass", [NullPool, QueuePool])

@@ -18,6 +18,7 @@ import pytest
 import requests
 import sqlalchemy as sa
 from helpers import free_port, run_daemon
+from ingest_reports import report_doc
 
 from exporter.instrument import flush, instrument
 from exporter.instrument.schema import NBUCKETS
@@ -335,6 +336,43 @@ def test_bad_pushes_get_4xx_are_counted_and_the_daemon_carries_on(tmp_path):
         assert daemon.value("pgpressure_source_up", source="apps") == 1
 
 
+@pytest.mark.slow
+def test_paused_worker_is_not_counted_twice(pg, tmp_path):
+    """A worker paused past stale_after (SIGSTOP: a frozen pod, a partition) departs and its
+    totals are folded in; when it resumes under the same id, they are not added again."""
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER)
+    with run_daemon(config(stale="1s")) as daemon:
+        worker = subprocess.Popen(
+            [sys.executable, str(script), url(pg), daemon.url, "13"],
+            stdout=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "PYTHONPATH": os.getcwd()},
+        )
+        try:
+            assert worker.stdout.readline().split() == ["done", "13"]
+
+            def state() -> tuple:
+                return (
+                    daemon.value("sqlalchemy_pool_checkouts_total", app="workers"),
+                    daemon.value("sqlalchemy_app_processes", app="workers"),
+                )
+
+            daemon.wait_for(lambda: state() == (13, 1))
+            worker.send_signal(signal.SIGSTOP)
+            daemon.wait_for(lambda: state() == (13, 0), timeout=10)
+            worker.send_signal(signal.SIGCONT)
+            daemon.wait_for(lambda: state()[1] == 1, timeout=10)
+            seen = set()
+            for _ in range(10):
+                seen.add(state())
+                time.sleep(0.1)
+            assert seen == {(13, 1)}
+        finally:
+            worker.kill()
+            worker.wait()
+
+
 PRELOAD = textwrap.dedent("""
     import os, sys, threading, time
     import sqlalchemy as sa
@@ -396,3 +434,27 @@ def test_preloading_master_does_not_dilute_pool_capacity(pg, tmp_path):
         finally:
             os.killpg(master.pid, signal.SIGKILL)
             master.wait()
+
+
+def test_emptied_token_file_refuses_pushes(tmp_path):
+    """The daemon fails closed: an emptied token file refuses every push with 401 (never
+    opens the endpoint), and a token written to it again works at once."""
+    token_file = tmp_path / "token"
+    token_file.write_text("first-token\n")
+    with run_daemon(config(extra=f"  token_file: {token_file}\n")) as daemon:
+        token_file.write_text("")
+        endpoint = daemon.url + "/api/v1/reports"
+        body = json.dumps(report_doc(app="token-file"))
+        for headers in ({}, {"Authorization": "Bearer first-token"}, {"Authorization": "Bearer"}):
+            r = requests.post(endpoint, data=body, headers=headers, timeout=5)
+            assert (r.status_code, r.json()["reason"]) == (401, "unauthorized"), headers
+        token_file.write_text("second-token\n")
+        auth = {"Authorization": "Bearer second-token"}
+        assert requests.post(endpoint, data=body, headers=auth, timeout=5).status_code == 200
+        token_file.write_text("")  # emptied again: still closed to pushes without the token
+        r = requests.post(endpoint, data=body, timeout=5)
+        assert r.status_code == 401
+        daemon.wait_for(
+            lambda: daemon.value("pgpressure_reports_total", result="unauthorized") == 4
+        )
+        assert daemon.value("sqlalchemy_pool_checkouts_total", app="token-file") == 0

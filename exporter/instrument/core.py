@@ -3,10 +3,16 @@
 Settings come from the arguments, then the PGPRESSURE_* environment variables, then
 defaults, so the same code runs unchanged in every environment. Instrumenting an engine twice
 returns the first handle: no second wrapper, no double counting.
+
+A bad argument raises ValueError (the endpoint must be an http(s) URL with a valid port, the
+interval a finite number); a bad PGPRESSURE_INTERVAL is logged and the default used, so a
+deployment's environment cannot stop the app from starting.
 """
 
 from __future__ import annotations
 
+import logging
+import math
 import os
 import re
 import sys
@@ -21,8 +27,12 @@ from exporter.instrument.reporter import PUSH_TIMEOUT, REPORTER, Registration
 from exporter.instrument.schema import MAX_NAME_LENGTH
 from exporter.instrument.stats import PoolStats
 
+log = logging.getLogger("pgpressure.instrument")
+
 DEFAULT_ENDPOINT = "http://127.0.0.1:9188"
 DEFAULT_INTERVAL = 5.0
+MIN_INTERVAL, MAX_INTERVAL = 0.1, 3600.0
+LONG_INTERVAL = 60.0  # above this, warn: the gauges are that old between pushes
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 _lock = threading.Lock()
@@ -47,8 +57,13 @@ class Instrumentation:
 
 
 def flush(timeout: float = PUSH_TIMEOUT) -> dict[str, int | None]:
-    """Push now (e.g. before a short-lived process exits); endpoint -> HTTP status or None."""
-    return REPORTER.push_all(timeout)
+    """Push now (e.g. before a short-lived process exits); endpoint -> HTTP status or None.
+    Never raises: monitoring must not break the app."""
+    try:
+        return REPORTER.push_all(timeout)
+    except Exception:
+        log.warning("pgpressure: flush failed", exc_info=True)
+        return {}
 
 
 def _name(value: str) -> str:
@@ -57,6 +72,48 @@ def _name(value: str) -> str:
 
 def _default_app() -> str:
     return os.path.basename(sys.argv[0] or "") or "python"
+
+
+def _endpoint(endpoint: str) -> str:
+    endpoint = endpoint.strip()
+    parts = urlsplit(endpoint)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"pgpressure endpoint must be an http(s) URL, got {endpoint!r}")
+    try:
+        parts.port  # noqa: B018 -- raises ValueError for a port out of range or not a number
+    except ValueError:
+        raise ValueError(f"pgpressure endpoint has an invalid port: {endpoint!r}") from None
+    return endpoint
+
+
+def _interval(interval: float | None) -> float:
+    """The argument (which must be a finite number), else PGPRESSURE_INTERVAL (the default,
+    with a warning, when it is not one), clamped to [MIN_INTERVAL, MAX_INTERVAL]."""
+    if interval:
+        value = float(interval)
+        if not math.isfinite(value):
+            raise ValueError(f"pgpressure interval must be a finite number, got {interval!r}")
+    else:
+        raw = os.environ.get("PGPRESSURE_INTERVAL", "").strip()
+        try:
+            value = float(raw) if raw else DEFAULT_INTERVAL
+        except ValueError:
+            value = math.nan
+        if not math.isfinite(value):
+            log.warning(
+                "pgpressure: PGPRESSURE_INTERVAL=%r is not a number of seconds; using %g",
+                raw,
+                DEFAULT_INTERVAL,
+            )
+            value = DEFAULT_INTERVAL
+    value = min(max(value, MIN_INTERVAL), MAX_INTERVAL)
+    if value > LONG_INTERVAL:
+        log.warning(
+            "pgpressure: pushing pool stats every %gs: the pool gauges lag by up to that "
+            "long (the daemon keeps a process for 3 push intervals or ingest.stale_after)",
+            value,
+        )
+    return value
 
 
 def instrument(
@@ -86,12 +143,9 @@ def instrument(
             return existing
         env = os.environ
         app = _name(app or env.get("PGPRESSURE_APP") or _default_app())
-        endpoint = (endpoint or env.get("PGPRESSURE_ENDPOINT") or DEFAULT_ENDPOINT).strip()
-        if urlsplit(endpoint).scheme not in ("http", "https") or not urlsplit(endpoint).hostname:
-            raise ValueError(f"pgpressure endpoint must be an http(s) URL, got {endpoint!r}")
+        endpoint = _endpoint(endpoint or env.get("PGPRESSURE_ENDPOINT") or DEFAULT_ENDPOINT)
         token = token or env.get("PGPRESSURE_TOKEN") or None
-        interval = float(interval or env.get("PGPRESSURE_INTERVAL") or DEFAULT_INTERVAL)
-        interval = min(max(interval, 0.1), 3600.0)
+        interval = _interval(interval)
         pool_name = _name(pool or getattr(sync.pool, "logging_name", None) or "default")
 
         stats = PoolStats()

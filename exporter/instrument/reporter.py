@@ -5,6 +5,10 @@ short timeout, a failed push is dropped (the next snapshot carries the same cumu
 totals), and nothing queues up while the daemon is away, so memory stays flat. After a fork
 (gunicorn --preload) the child zeroes its numbers, takes a new process id and starts its own
 thread; the parent keeps reporting its own totals under its own id.
+
+A push that fails is logged at warning level when pushing to that endpoint starts failing or
+fails for another reason than before, and at info level when it works again: never once per
+interval while the daemon is away.
 """
 
 from __future__ import annotations
@@ -74,7 +78,8 @@ class Reporter:
         self._thread: threading.Thread | None = None
         self._regs: list[Registration] = []
         self._retired: dict[tuple[str, str | None, str, str], PoolStats] = {}
-        self._failing: set[str] = set()
+        self._failing: dict[str, str] = {}  # endpoint -> why its last push failed
+        self._round_failed = False
         self._seq = 0
 
     # -- registrations ----------------------------------------------------------------------
@@ -132,44 +137,53 @@ class Reporter:
                     "sent_at": time.time(),
                     "pools": pools[:MAX_POOLS_PER_REPORT],
                 }
-                status = self._post(endpoint, token, json.dumps(doc).encode(), timeout)
+                status, why = self._post(endpoint, token, json.dumps(doc).encode(), timeout)
                 results[endpoint] = status
-                self._note(endpoint, status, quiet)
+                self._note(endpoint, status, why, quiet)
         finally:
             self._push_lock.release()
         return results
 
     @staticmethod
-    def _post(endpoint: str, token: str | None, body: bytes, timeout: float) -> int | None:
-        parts = urlsplit(endpoint)
-        cls = HTTPSConnection if parts.scheme == "https" else HTTPConnection
-        headers = {"Content-Type": "application/json", "User-Agent": "pgpressure-instrument"}
-        if token:
-            headers["Authorization"] = f"Bearer {token}"
-        conn = cls(parts.hostname or "127.0.0.1", parts.port, timeout=timeout)
+    def _post(
+        endpoint: str, token: str | None, body: bytes, timeout: float
+    ) -> tuple[int | None, str]:
+        """(HTTP status, "") or (None, why the push did not get an answer). Never raises."""
+        conn = None
         try:
+            parts = urlsplit(endpoint)
+            cls = HTTPSConnection if parts.scheme == "https" else HTTPConnection
+            headers = {"Content-Type": "application/json", "User-Agent": "pgpressure-instrument"}
+            if token:
+                headers["Authorization"] = f"Bearer {token}"
+            conn = cls(parts.hostname or "127.0.0.1", parts.port, timeout=timeout)
             conn.request("POST", parts.path.rstrip("/") + REPORTS_PATH, body, headers)
             response = conn.getresponse()
             response.read(65536)
-            return response.status
-        except (OSError, ValueError, Exception):
-            return None
+            return response.status, ""
+        except Exception as exc:
+            return None, f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
         finally:
-            conn.close()
+            if conn is not None:
+                with contextlib.suppress(Exception):
+                    conn.close()
 
-    def _note(self, endpoint: str, status: int | None, quiet: bool = False) -> None:
-        """Log a change of state once, not every interval while the daemon is away."""
+    def _note(self, endpoint: str, status: int | None, why: str = "", quiet: bool = False) -> None:
+        """Log when pushing starts failing, fails differently, or works again; not every
+        interval while the daemon is away."""
         if quiet:
             return
-        ok = status is not None and status < 300
-        if ok and endpoint in self._failing:
-            self._failing.discard(endpoint)
-            log.info("pgpressure: pushing to %s again", endpoint)
-        elif not ok and endpoint not in self._failing:
-            self._failing.add(endpoint)
-            why = "unreachable" if status is None else f"HTTP {status}"
+        if status is not None and status < 300:
+            if self._failing.pop(endpoint, None) is not None:
+                log.info("pgpressure: pushing to %s again", endpoint)
+            return
+        reason = f"HTTP {status}" if status is not None else (why or "unreachable")
+        if self._failing.get(endpoint) != reason:
+            self._failing[endpoint] = reason
             log.warning(
-                "pgpressure: cannot push pool stats to %s (%s); will keep trying", endpoint, why
+                "pgpressure: cannot push pool stats to %s (%s); will keep trying",
+                endpoint,
+                reason,
             )
 
     # -- the thread -------------------------------------------------------------------------
@@ -184,12 +198,20 @@ class Reporter:
 
     def _run(self) -> None:
         while True:
-            self._wake.wait(self.interval())
-            self._wake.clear()
             try:
+                self._wake.wait(self.interval())
+                self._wake.clear()
                 self.push_all()
+                self._round_failed = False
             except Exception:  # never let the thread die; the next round tries again
-                log.debug("pgpressure: push round failed", exc_info=True)
+                first = not self._round_failed
+                self._round_failed = True
+                log.log(
+                    logging.WARNING if first else logging.DEBUG,
+                    "pgpressure: a push round failed; will keep trying",
+                    exc_info=True,
+                )
+                time.sleep(1.0)  # whatever failed, not in a tight loop
 
     def wake(self) -> None:
         self._wake.set()
