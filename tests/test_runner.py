@@ -53,12 +53,18 @@ async def test_a_source_failing_for_thousands_of_runs_keeps_being_counted() -> N
     assert not health.up
 
 
-async def test_ticks_during_an_overrunning_run_return_at_once() -> None:
+async def start_a_hanging_run() -> tuple[Scripted, Store, SourceRunner, asyncio.Task]:
+    """A runner whose first run is in flight, held until `source.release` is set."""
     source, store = Scripted(), Store()
     source.release.clear()
     runner = SourceRunner(source, store)
-    slow = asyncio.create_task(runner.run_once())
+    task = asyncio.create_task(runner.run_once())
     await asyncio.sleep(0)
+    return source, store, runner, task
+
+
+async def test_ticks_during_an_overrunning_run_return_at_once() -> None:
+    source, store, runner, slow = await start_a_hanging_run()
     for _ in range(3):
         await asyncio.wait_for(runner.run_once(), 1)  # does not queue behind the slow run
     assert (source.started, runner.overruns) == (1, 3)
@@ -70,11 +76,7 @@ async def test_ticks_during_an_overrunning_run_return_at_once() -> None:
 
 
 async def test_stop_cancels_the_run_in_flight_and_later_ticks_do_nothing() -> None:
-    source, store = Scripted(), Store()
-    source.release.clear()
-    runner = SourceRunner(source, store)
-    hung = asyncio.create_task(runner.run_once())
-    await asyncio.sleep(0)
+    source, _, runner, hung = await start_a_hanging_run()
     await asyncio.wait_for(runner.stop(), 1)
     assert hung.done() and not hung.cancelled()  # returned quietly: no error for APScheduler
     assert hung.exception() is None
