@@ -386,10 +386,10 @@ PRELOAD = textwrap.dedent("""
             engine.dispose(close=False)
             held = [engine.connect() for _ in range(3)]
             threading.Thread(target=engine.connect, daemon=True).start()
-            print("worker", flush=True)
+            os.write(1, b"worker\\n")  # one write: print() may split it under PYTHONUNBUFFERED
             time.sleep(120)
             os._exit(0)
-    print("master", flush=True)
+    os.write(1, b"master\\n")
     time.sleep(120)
 """)
 
