@@ -1,7 +1,8 @@
 """Command line, in the style of Prometheus exporters (exporter-toolkit flag names).
 
 pgpressure [run] --config.file config.yaml [--web.listen-address :9188]
-                 [--web.config.file web.yml] [--log.level info] [--log.format logfmt]
+                 [--web.config.file web.yml] [--web.max-connections 512]
+                 [--log.level info] [--log.format logfmt]
 pgpressure check-config --config.file config.yaml
 pgpressure demo [--web.listen-address :9188]
 """
@@ -15,6 +16,7 @@ import sys
 
 from exporter import __version__, logs
 from exporter.config import ConfigError, load
+from exporter.connlimit import DEFAULT_MAX_CONNECTIONS
 from exporter.secrets import redact
 
 COMMANDS = ("run", "check-config", "demo")
@@ -37,6 +39,12 @@ def _common(parser: argparse.ArgumentParser) -> None:
         choices=("logfmt", "json"),
         help="log line format",
     )
+
+
+def _positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number above 0, got {text!r}")
+    return int(text)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -65,6 +73,14 @@ def build_parser() -> argparse.ArgumentParser:
         dest="web_config_file",
         default=None,
         help="exporter-toolkit web config: TLS and basic auth",
+    )
+    run.add_argument(
+        "--web.max-connections",
+        dest="max_connections",
+        type=_positive_int,
+        default=DEFAULT_MAX_CONNECTIONS,
+        help="HTTP connections open at once; more are closed on accept "
+        f"(default: {DEFAULT_MAX_CONNECTIONS})",
     )
     _common(run)
 
@@ -144,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         return _fail(str(exc))
     log.info("starting pgpressure", extra=logs.kv(version=__version__, config=args.config_file))
-    daemon = Daemon(config, args.listen_address, ssl_context, middlewares)
+    daemon = Daemon(config, args.listen_address, ssl_context, middlewares, args.max_connections)
     try:
         asyncio.run(daemon.run())
     except OSError as exc:

@@ -14,6 +14,7 @@ import contextlib
 import logging
 import signal
 import ssl
+import time
 from collections.abc import Callable
 from datetime import datetime, timedelta
 
@@ -22,7 +23,9 @@ from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
 from exporter.cardinality import LabelCap
 from exporter.config import Config
+from exporter.connlimit import DEFAULT_MAX_CONNECTIONS, CappedSite
 from exporter.logs import kv
+from exporter.metrics import HTTP_CONNECTIONS_REFUSED, Sample
 from exporter.pg import TargetConnection
 from exporter.render import Renderer
 from exporter.runner import SourceRunner
@@ -34,6 +37,7 @@ from exporter.web import build_app
 
 log = logging.getLogger("pgpressure.daemon")
 
+REFUSAL_LOG_EVERY = 60.0  # seconds between log lines about connections refused at the cap
 SHUTDOWN_GRACE = 1.5  # seconds; SIGTERM must end the process within 2 s
 
 
@@ -53,9 +57,13 @@ class Daemon:
         listen_address: str = ":9188",
         ssl_context: ssl.SSLContext | None = None,
         middlewares: list[Callable] | None = None,
+        max_connections: int = DEFAULT_MAX_CONNECTIONS,
     ) -> None:
         self.config = config
         self.listen_address = listen_address
+        self.max_connections = max_connections
+        self.connections_refused = 0
+        self._refusal_logged_at = -REFUSAL_LOG_EVERY
         self.ssl_context = ssl_context
         self.middlewares = middlewares or []
         self.store = Store()
@@ -127,11 +135,17 @@ class Daemon:
         runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
         await runner.setup()
         host, port = parse_listen_address(self.listen_address)
-        site = web.TCPSite(runner, host, port, ssl_context=self.ssl_context, reuse_address=True)
+        self._count_refused_connection(0)
+        site = CappedSite(
+            runner,
+            host,
+            port,
+            max_connections=self.max_connections,
+            on_refused=self._count_refused_connection,
+            ssl_context=self.ssl_context,
+        )
         await site.start()
-        server = getattr(site, "_server", None)
-        if server is not None and server.sockets:
-            self.bound_port = server.sockets[0].getsockname()[1]
+        self.bound_port = site.bound_port
         log.info(
             "listening",
             extra=kv(
@@ -172,6 +186,22 @@ class Daemon:
             log.info("shutting down")
             scheduler.shutdown(wait=False)
             await self._close(runner)
+
+    def _count_refused_connection(self, n: int = 1) -> None:
+        """Count a connection closed at the cap; say so in the log at most once a minute."""
+        self.connections_refused += n
+        now = time.monotonic()
+        if n and now - self._refusal_logged_at >= REFUSAL_LOG_EVERY:
+            self._refusal_logged_at = now
+            log.warning(
+                "refusing connections: too many open",
+                extra=kv(
+                    max_connections=self.max_connections, refused_total=self.connections_refused
+                ),
+            )
+        self.store.publish(
+            ("http", ""), [Sample(HTTP_CONNECTIONS_REFUSED, (), float(self.connections_refused))]
+        )
 
     async def _close(self, runner: web.AppRunner) -> None:
         async def close_all() -> None:

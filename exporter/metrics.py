@@ -325,6 +325,11 @@ REPORTS = _spec(
     "Pushed app reports by result (accepted, or the reason they were refused).",
     ("result",),
 )
+HTTP_CONNECTIONS_REFUSED = _spec(
+    "pgpressure_http_connections_refused_total",
+    "counter",
+    "Connections closed on accept because --web.max-connections were already open.",
+)
 CLOUDWATCH_METRICS_REQUESTED = _spec(
     "pgpressure_cloudwatch_metrics_requested_total",
     "counter",

@@ -541,3 +541,54 @@ def test_http_refusals_come_before_slots_and_are_all_counted() -> None:
             ),
             timeout=5,
         )
+
+
+def _keep_alive_get(s: socket.socket, path: str) -> bytes:
+    """One GET on an open keep-alive connection; the whole answer (Content-Length framed)."""
+    s.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    s.settimeout(10)
+    answer = b""
+    while b"\r\n\r\n" not in answer:
+        answer += s.recv(65536)
+    head, _, body = answer.partition(b"\r\n\r\n")
+    length = next(
+        int(line.split(b":", 1)[1])
+        for line in head.split(b"\r\n")
+        if line.lower().startswith(b"content-length:")
+    )
+    while len(body) < length:
+        body += s.recv(65536)
+    return head.split(b"\r\n", 1)[0] + b"\n" + body
+
+
+def test_http_connections_past_the_cap_are_closed_and_counted() -> None:
+    """Idle connections cannot use up the daemon's file descriptors: past
+    --web.max-connections a new connection is closed on accept and counted, while the
+    connections already open (a scraper's keep-alive among them) keep working."""
+    with run_daemon("databases: []\n", "--web.max-connections", "6") as d:
+        port = int(d.url.rsplit(":", 1)[1])
+        scraper = socket.create_connection(("127.0.0.1", port))
+        # Each idle client makes one request first, so it is surely registered when the
+        # next connection arrives, then keeps its connection open and says nothing more.
+        idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(5)]
+        for s in [scraper, *idle]:
+            assert _keep_alive_get(s, "/-/healthy").startswith(b"HTTP/1.1 200")
+        for _ in range(3):
+            with socket.create_connection(("127.0.0.1", port)) as extra:
+                extra.settimeout(10)
+                try:
+                    extra.sendall(b"GET /-/healthy HTTP/1.1\r\nHost: x\r\n\r\n")
+                    answer = extra.recv(100)
+                except ConnectionResetError:
+                    answer = b""
+                assert answer == b"", answer
+        page = _keep_alive_get(scraper, "/metrics").decode()
+        assert page.startswith("HTTP/1.1 200"), page[:200]
+        assert "\npgpressure_http_connections_refused_total 3.0\n" in page
+        for s in idle:
+            s.close()
+        # Room again: a new connection is served.
+        d.wait_for(lambda: d.value("pgpressure_http_connections_refused_total") == 3)
+        scraper.close()
+    assert "refusing connections: too many open" in d.log()
+    assert "Traceback" not in d.log()
