@@ -131,6 +131,7 @@ def test_dashboards_cover_the_catalogue() -> None:
         "pgpressure_source_errors_total",
         "pgpressure_reports_total",
         "pgpressure_cloudwatch_metrics_requested_total",
+        "pgpressure_http_connections_refused_total",
         "pg_activity_samples_total",
         "pg_stat_statements_available",
         "sqlalchemy_pool_size",
