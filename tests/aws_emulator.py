@@ -10,6 +10,7 @@ import threading
 import time
 from collections import Counter, defaultdict
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlsplit
 
@@ -18,6 +19,16 @@ Answer = tuple[int, dict[str, str], bytes]
 
 # marks a next-page token that FaultProxy.inject_empty_pages() handed out
 EMPTY_PAGE_TOKEN = "aws-emulator-empty-page:"
+
+
+@dataclass(frozen=True)
+class EmptyPages:
+    """What a scan meets before its items (FaultProxy.inject_empty_pages)."""
+
+    pages: int
+    items: str
+    token: str
+    match: dict[str, object]
 
 
 @contextlib.contextmanager
@@ -96,7 +107,7 @@ class FaultProxy(LocalHttpServer):
         self.faults: dict[str, list[Answer]] = defaultdict(list)
         self.lasting: dict[str, Answer] = {}
         self._times: dict[str, list[float]] = defaultdict(list)
-        self.empty_pages: dict[str, tuple[int, str, str]] = {}  # op -> (left, items, token)
+        self.empty_pages: dict[str, EmptyPages] = {}
         self.lock = threading.Lock()
         super().__init__()
 
@@ -114,41 +125,33 @@ class FaultProxy(LocalHttpServer):
             self.calls[op] += 1
             self._times[op].append(time.monotonic())
             fault = self.faults[op].pop(0) if self.faults[op] else self.lasting.get(op)
-            padding = None
-            if fault is None and self.empty_pages.get(op, (0,))[0] > 0:
-                left, items, token = self.empty_pages[op]
-                self.empty_pages[op] = (left - 1, items, token)
-                padding = (items, token)
+            scan = self.empty_pages.get(op)
         if fault is not None:
             return fault
-        if padding is not None:
-            return self._empty_page(headers, body, *padding)
-        if EMPTY_PAGE_TOKEN.encode() in body:
-            body = self._restore_token(body)
+        if scan is not None:
+            return self._scan(scan, method, path, headers, body)
         return self.forward(method, path, headers, body)
 
-    @staticmethod
-    def _empty_page(headers: Mapping[str, str], body: bytes, items: str, token: str) -> Answer:
-        """No items and a next-page token that carries the caller's own token along."""
-        sent = json.loads(body or b"{}").get(token) or ""
-        if sent.startswith(EMPTY_PAGE_TOKEN):
-            sent = sent[len(EMPTY_PAGE_TOKEN) :]
-        page = {items: [], token: EMPTY_PAGE_TOKEN + sent}
+    def _scan(
+        self, scan: EmptyPages, method: str, path: str, headers: Mapping[str, str], body: bytes
+    ) -> Answer:
+        """A request that starts a scan (no token) gets the first empty page; one with the
+        k-th empty page's token gets the next, and after the last it is forwarded without
+        the token, so the scan reaches the real items. Requests the scan does not match go
+        through untouched."""
+        request = json.loads(body or b"{}")
+        if any(request.get(k) != v for k, v in scan.match.items()):
+            return self.forward(method, path, headers, body)
+        sent = request.get(scan.token)
+        if sent and not str(sent).startswith(EMPTY_PAGE_TOKEN):
+            return self.forward(method, path, headers, body)  # paging the real items
+        served = int(str(sent)[len(EMPTY_PAGE_TOKEN) :]) if sent else 0
+        if served >= scan.pages:
+            del request[scan.token]
+            return self.forward(method, path, headers, json.dumps(request).encode())
+        page = {scan.items: [], scan.token: f"{EMPTY_PAGE_TOKEN}{served + 1}"}
         content_type = headers.get("Content-Type") or "application/x-amz-json-1.1"
         return 200, {"Content-Type": content_type}, json.dumps(page).encode()
-
-    @staticmethod
-    def _restore_token(body: bytes) -> bytes:
-        """Forward a request that follows an empty page with the token it wrapped (none if
-        the empty pages came first), so paging resumes where it was."""
-        request = json.loads(body)
-        for key, value in list(request.items()):
-            if isinstance(value, str) and value.startswith(EMPTY_PAGE_TOKEN):
-                if value == EMPTY_PAGE_TOKEN:
-                    del request[key]
-                else:
-                    request[key] = value[len(EMPTY_PAGE_TOKEN) :]
-        return json.dumps(request).encode()
 
     def forward(self, method: str, path: str, headers: Mapping[str, str], body: bytes) -> Answer:
         conn = http.client.HTTPConnection(self.upstream.hostname, self.upstream.port, timeout=30)
@@ -188,14 +191,20 @@ class FaultProxy(LocalHttpServer):
             self.lasting[operation] = self._fault(status, body, headers)
 
     def inject_empty_pages(
-        self, operation: str, pages: int, items: str = "events", token: str = "nextToken"
+        self,
+        operation: str,
+        pages: int,
+        items: str = "events",
+        token: str = "nextToken",
+        match: Mapping[str, object] | None = None,
     ) -> None:
-        """The next `pages` calls of `operation` (a paginated JSON-protocol API) answer with
-        an empty `items` list and a next-page `token`, as FilterLogEvents does while it scans
-        a large log group; the call that follows them is forwarded with the caller's own
-        token, so nothing is skipped. Queued faults (`inject`) are answered first."""
+        """Every scan of `operation` (a paginated JSON-protocol API) whose request has the
+        fields in `match` answers `pages` empty pages with a next-page `token` before its
+        items, as FilterLogEvents does while it searches a large log group. Like AWS, a scan
+        started again from the beginning (no token) meets all the empty pages again; only
+        following the tokens gets past them. Queued faults (`inject`) are answered first."""
         with self.lock:
-            self.empty_pages[operation] = (pages, items, token)
+            self.empty_pages[operation] = EmptyPages(pages, items, token, dict(match or {}))
 
     def clear(self, operation: str) -> None:
         """Disarm every fault of `operation`: its calls are forwarded again."""

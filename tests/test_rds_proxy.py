@@ -653,11 +653,12 @@ def test_paging_says_when_it_stops_at_its_page_limit(aws, fault_proxy) -> None:
     clients.reset()
 
 
-async def test_a_log_scan_longer_than_one_poll_resumes_from_the_newest_line_read(
+async def test_a_log_scan_longer_than_one_poll_goes_on_from_its_next_page_token(
     aws, fault_proxy, caplog
 ) -> None:
     """FilterLogEvents answers a large log group with many empty pages that carry a next-page
-    token. When a poll's calls are used up, the unread lines must not be skipped."""
+    token. When a poll's calls are used up, the next poll follows the token: starting the scan
+    again would meet the same empty pages and never reach the lines."""
     build_world(aws)
     # older than the overlap a cursor moved to "now" would re-read on the next poll
     _put_logs(aws["logs"], "billing-proxy", [ORDERS_LINES[3]] * 5, T0 - 250, create=False)
@@ -678,6 +679,31 @@ async def test_a_log_scan_longer_than_one_poll_resumes_from_the_newest_line_read
     assert second["prepared_statement"] == 5.0
 
 
+async def test_a_scan_whose_token_is_refused_starts_again_and_counts_nothing_twice(
+    aws, fault_proxy, caplog
+) -> None:
+    """Next-page tokens expire after 24 hours (an exporter stopped for a day, say): the scan
+    then starts over from the cursor, and the lines are still counted once."""
+    build_world(aws)
+    _put_logs(aws["logs"], "billing-proxy", [ORDERS_LINES[3]] * 5, T0 - 250, create=False)
+    fault_proxy.inject_empty_pages("FilterLogEvents", 150)
+    clock = Clock(T0)
+    source = make_source(fault_proxy.url, clock, proxies=["billing-proxy"])
+    caplog.set_level(logging.INFO, logger="pgpressure.rds_proxy")
+    counts = []
+    for poll in range(4):
+        clock.now = T0 + 60 * poll
+        if poll == 1:
+            expired = {"__type": "InvalidParameterException", "message": "token expired"}
+            fault_proxy.inject("FilterLogEvents", 400, json.dumps(expired), JSON11)
+        samples = list(await source.sample())
+        counts.append(pin_counts(samples, "billing-proxy")["prepared_statement"])
+    # 100 empty pages; the refused resume; 100 again from the start; 50 more and the lines
+    assert fault_proxy.calls["FilterLogEvents"] == 100 + 1 + 100 + 51
+    assert counts == [0.0, 0.0, 0.0, 5.0]
+    assert any("could not be resumed" in r.getMessage() for r in caplog.records)
+
+
 async def test_log_pages_of_one_proxy_are_spaced_like_calls_for_different_proxies(
     aws, fault_proxy
 ) -> None:
@@ -690,7 +716,8 @@ async def test_log_pages_of_one_proxy_are_spaced_like_calls_for_different_proxie
         rds_proxy={"enabled": True, "delay": DELAY, "proxies": ["orders-proxy", "billing-proxy"]},
     )
     source = RdsProxySource(config, clock=Clock(T0), log_call_spacing=0.2)
-    fault_proxy.inject_empty_pages("FilterLogEvents", 3)
+    orders_group = {"logGroupName": "/aws/rds/proxy/orders-proxy"}
+    fault_proxy.inject_empty_pages("FilterLogEvents", 3, match=orders_group)
     samples = list(await source.sample())
     times = fault_proxy.times("FilterLogEvents")
     assert len(times) == 5  # 3 empty pages and the lines of one proxy, the other proxy's

@@ -10,10 +10,13 @@ poll, classifies each reason (`exporter.pinning.log_reason`) and adds it to
   deduplicated, so a line is counted once even across failures and retries.
 - **Bounded**: at most `max_log_events_per_poll` new lines and `MAX_PAGES_PER_POLL` calls
   per poll over all proxies (FilterLogEvents can answer a large log group with many empty
-  pages that each carry a next-page token); a backlog continues on the next poll from the
-  newest line read, and the proxy read first rotates so one busy proxy cannot starve the
-  rest. Every call, the pages of one proxy as well as the first page of the next proxy, is
-  `call_spacing` after the previous one, to stay under the 5 requests/s FilterLogEvents quota.
+  pages that each carry a next-page token). A scan cut short goes on at the next poll from
+  its next-page token with the same request: starting over would meet the same empty pages
+  and never get past them. Should the token be refused (they expire after 24 hours), the
+  scan starts again from the newest line read. The proxy read first rotates, so one busy
+  proxy cannot starve the rest. Every call, the pages of one proxy as well as the first page
+  of the next proxy, is `call_spacing` after the previous one, to stay under the 5 requests/s
+  FilterLogEvents quota.
 - **A proxy that leaves is remembered for a while**: a proxy no longer read (gone from
   discovery, or pushed past `max_proxies`) keeps its cursor, seen event IDs and counts for
   `forget_after` seconds, so one that comes back resumes where it stopped instead of reading
@@ -32,6 +35,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from exporter import pinning
 from exporter.aws import THROTTLED, AwsApiError, Clients, TooManyPages
@@ -47,6 +51,8 @@ _SETUP_ERRORS = {
     "ResourceNotFoundException": "log group missing",
     "AccessDeniedException": "access denied",
 }
+# a next-page token that is no longer accepted (they expire after 24 hours)
+_SCAN_EXPIRED = {"InvalidParameterException", "ValidationException"}
 _HINTS = {
     "log group missing": "turn on enhanced logging for the proxy to see pinning reasons",
     "access denied": "grant logs:FilterLogEvents on the proxy's log group",
@@ -58,9 +64,20 @@ def log_group(proxy: str) -> str:
 
 
 @dataclass
+class _Scan:
+    """A FilterLogEvents scan cut short by the poll's limits: its request and the token of
+    the next page, valid for 24 hours. Starting over would meet the same empty pages again
+    (a large log group is searched in order), so the next poll follows the token."""
+
+    request: dict[str, Any]
+    next_token: str
+
+
+@dataclass
 class _State:
     cursor_ms: int
     seen: dict[str, int] = field(default_factory=dict)  # eventId -> timestamp
+    scan: _Scan | None = None  # a scan to resume before reading on from the cursor
     readable: bool = False  # read successfully at least once
     problem: str = ""  # a setup state from _SETUP_ERRORS
     retry_at: float = 0.0
@@ -169,26 +186,39 @@ class PinningLogs:
         if state is None:
             start = now_ms - int(self.first_lookback * 1000)
             state = self._states[proxy] = _State(cursor_ms=start)
-        read, newest, truncated = 0, state.cursor_ms, False
+        if state.scan is not None and state.scan.request["limit"] > budget:
+            return 0  # a page could overrun this poll's budget; a later poll starts with it
+        read, newest, next_token = 0, state.cursor_ms, None
         counts: dict[str, int] = {}
         seen = dict(state.seen)
+        scan = state.scan
+        request = (
+            scan.request
+            if scan is not None
+            else {
+                "logGroupName": log_group(proxy),
+                "startTime": max(0, state.cursor_ms - OVERLAP_MS),
+                "endTime": now_ms,
+                "filterPattern": f'"{pinning.PIN_MARKER}"',
+                "interleaved": True,
+                "limit": min(10_000, budget),
+            }
+        )
+        first_page = {"nextToken": scan.next_token} if scan is not None else {}
         pages = self.clients.pages(
             "logs",
             "filter_log_events",
             "events",
             "nextToken",
             "nextToken",
-            logGroupName=log_group(proxy),
-            startTime=max(0, state.cursor_ms - OVERLAP_MS),
-            endTime=now_ms,
-            filterPattern=f'"{pinning.PIN_MARKER}"',
-            interleaved=True,
-            limit=min(10_000, budget),
             max_pages=self._pages_left,
             pace=self._before_call,
+            **request,
+            **first_page,
         )
         try:
             for page in pages:
+                next_token = page.get("nextToken")
                 for event in page["events"]:
                     event_id = str(event.get("eventId", ""))
                     if event_id in seen:
@@ -200,12 +230,20 @@ class PinningLogs:
                     reason = pinning.log_reason(str(event.get("message", "")))
                     if reason is not None:
                         counts[reason] = counts.get(reason, 0) + 1
-                if read >= budget and page.get("nextToken"):
-                    truncated = True
+                if read >= budget and next_token:
                     break
         except TooManyPages:
-            truncated = True  # this poll's calls are used up; read on from the newest line
+            pass  # this poll's calls are used up; next_token is where the scan goes on
         except AwsApiError as exc:
+            if scan is not None and exc.code in _SCAN_EXPIRED:
+                # Nothing of this read is committed; the next poll scans again from the
+                # cursor, and the seen event IDs keep what was counted from being counted twice.
+                log.info(
+                    "rds proxy pinning log scan could not be resumed; starting it again",
+                    extra=kv(proxy=proxy, error=exc.code),
+                )
+                state.scan = None
+                return 0
             problem = _SETUP_ERRORS.get(exc.code)
             if problem is None:
                 raise  # throttling: read() skips the logs; 5xx, credentials: the runner backs off
@@ -216,12 +254,18 @@ class PinningLogs:
                 )
             state.problem, state.retry_at = problem, now + self.retry_after
             return 0
-        self._commit(proxy, state, counts, seen, newest if truncated else now_ms)
-        if truncated:
+        if next_token:
+            # Cut short: go on from this page next poll. The cursor moves to the newest line
+            # read, which only matters should the scan have to start over.
+            self._commit(proxy, state, counts, seen, newest)
+            state.scan = _Scan(request, next_token)
             log.info(
                 "rds proxy pinning log backlog; continuing next poll",
                 extra=kv(proxy=proxy, events=read, calls_left=self._pages_left),
             )
+        else:
+            self._commit(proxy, state, counts, seen, request["endTime"])
+            state.scan = None
         return read
 
     def _commit(
