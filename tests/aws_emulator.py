@@ -11,7 +11,9 @@ import time
 from collections import Counter, defaultdict
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from datetime import datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 # (status, headers, body) of one HTTP answer
@@ -225,3 +227,115 @@ class FaultProxy(LocalHttpServer):
             self.lasting.clear()
             self.empty_pages.clear()
             self._times.clear()
+
+
+# --- an RDS Proxy world in the emulator -------------------------------------------------------
+REGION = "us-east-1"
+
+
+def clients(endpoint: str, *services: str) -> dict[str, Any]:
+    """boto3 clients that talk to the emulator directly, e.g. to build the world."""
+    import boto3  # only the tests that use AWS pay its import
+
+    return {
+        name: boto3.client(
+            name,
+            region_name=REGION,
+            endpoint_url=endpoint,
+            aws_access_key_id="setup",
+            aws_secret_access_key="setup",
+        )
+        for name in services
+    }
+
+
+def rds_proxy_only_config(endpoint: str, rds_proxy: str, key_id: str, secret: str) -> str:
+    """A daemon configuration with only the rds_proxy source (flow-style YAML settings)."""
+    return f"""
+databases: []
+ingest: {{enabled: false}}
+aws:
+  region: {REGION}
+  endpoint_url: {endpoint}
+  access_key_id: {key_id}
+  secret_access_key: {secret}
+  rds_proxy: {rds_proxy}
+"""
+
+
+# A pinning line as RDS Proxy writes it to /aws/rds/proxy/<proxy>, and the reason text it
+# gives for SQL that changed session state.
+PIN_LINE = (
+    "[WARN] [proxyEndpoint=default] [clientConnection={c}] The client session was pinned to "
+    "the database connection [dbConnection={d}] for the remainder of the session. The proxy "
+    "can't reuse this connection until the session ends. Reason: {reason}"
+)
+SETTINGS_REASON = (
+    "SQL changed session settings that the proxy doesn't track. Consider moving "
+    'session configuration to the proxy\'s initialization query. Digest: "{digest}".'
+)
+
+
+def put_datapoints(
+    cw: Any,
+    proxy: str,
+    name: str,
+    values: list[float],
+    when: datetime,
+    extra: dict[str, str] | None = None,
+    unit: str = "Count",
+) -> None:
+    """Datapoints of one RDS Proxy metric, as the proxy's hosts publish them (one each)."""
+    dims = [{"Name": "ProxyName", "Value": proxy}]
+    dims += [{"Name": k, "Value": v} for k, v in (extra or {}).items()]
+    cw.put_metric_data(
+        Namespace="AWS/RDS",
+        MetricData=[
+            {"MetricName": name, "Dimensions": dims, "Timestamp": when, "Value": v, "Unit": unit}
+            for v in values
+        ],
+    )
+
+
+def create_subnets(ec2: Any, region: str, cidr: str = "10.20") -> list[str]:
+    """A VPC with a subnet in two availability zones, as a proxy needs."""
+    vpc = ec2.create_vpc(CidrBlock=f"{cidr}.0.0/16")["Vpc"]["VpcId"]
+    return [
+        ec2.create_subnet(
+            VpcId=vpc, CidrBlock=f"{cidr}.{i}.0/24", AvailabilityZone=f"{region}{zone}"
+        )["Subnet"]["SubnetId"]
+        for i, zone in enumerate("ab")
+    ]
+
+
+def create_proxy(rds: Any, name: str, subnets: list[str], engine: str = "POSTGRESQL") -> None:
+    rds.create_db_proxy(
+        DBProxyName=name,
+        EngineFamily=engine,
+        RoleArn="arn:aws:iam::123456789012:role/proxy",
+        Auth=[
+            {
+                "AuthScheme": "SECRETS",
+                "IAMAuth": "DISABLED",
+                "SecretArn": "arn:aws:secretsmanager:us-east-1:123456789012:secret:db-abc",
+            }
+        ],
+        VpcSubnetIds=subnets,
+    )
+
+
+def put_log_lines(
+    logs: Any, proxy: str, lines: list[str], start: float, create: bool = True
+) -> None:
+    """`lines` in the proxy's log group, one a second from `start` (Unix time)."""
+    group = f"/aws/rds/proxy/{proxy}"
+    if create:
+        logs.create_log_group(logGroupName=group)
+        logs.create_log_stream(logGroupName=group, logStreamName="proxy-host-1")
+    logs.put_log_events(
+        logGroupName=group,
+        logStreamName="proxy-host-1",
+        logEvents=[
+            {"timestamp": int((start + i) * 1000), "message": line} for i, line in enumerate(lines)
+        ],
+    )

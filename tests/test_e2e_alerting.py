@@ -17,6 +17,10 @@ critical pool alerts must reach the pager route, the PostgreSQL warnings the tic
 with the labels that identify the pool and database. Then every dashboard query runs against
 this Prometheus, and the panels for the sources in the scenario must return data. When the
 workload stops, every alert must resolve.
+
+A second scenario does the same for RDS Proxy: moto in server mode is the AWS endpoint, with
+a proxy created through the RDS API, a minute of CloudWatch datapoints in which most database
+connections are pinned and borrowing is slow, and pinning lines in the proxy's log group.
 """
 
 from __future__ import annotations
@@ -28,8 +32,9 @@ import shutil
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -39,10 +44,23 @@ import requests
 import yaml
 
 from exporter.pgcluster import Cluster
+from tests.aws_emulator import (
+    PIN_LINE,
+    REGION,
+    SETTINGS_REASON,
+    clients,
+    create_proxy,
+    create_subnets,
+    moto_server,
+    put_datapoints,
+    put_log_lines,
+    rds_proxy_only_config,
+)
 from tests.conftest import MONITOR_PASSWORD
 from tests.helpers import free_port, logged_process, run_daemon
 from tests.promql_tools import (
     ROOT,
+    PanelQuery,
     load_rules,
     panel_queries,
     shortened_rules,
@@ -67,8 +85,8 @@ EXPECTED_ALERTS = {
     "PostgresLockContention": ("tickets", ("target", "datname")),
     "PostgresIdleInTransaction": ("tickets", ("target", "datname")),
 }
-# Panels whose source is not part of this scenario (no RDS Proxy here).
-NOT_IN_SCENARIO = {
+# Panels of the RDS Proxy source: the scenario of the second test.
+RDS_PROXY_PANELS = {
     ("overview", "RDS Proxy pinned ratio"),
     ("overview", "RDS Proxy borrow latency"),
     *(
@@ -390,41 +408,27 @@ ingest:
             workload.start_database()
 
             # 1. Each alert reaches the right route with the labels that identify it.
-            for name, (route, keys) in EXPECTED_ALERTS.items():
-                got = wait_until(
-                    f"{name} firing at the webhook",
-                    lambda n=name: hook.find(n, "firing"),
-                    DEADLINE_FIRE,
-                    context,
-                )
-                got_route, alert = got[0]
-                labels = alert["labels"]
-                assert got_route == route, (name, got_route)
-                assert labels["severity"] == load_severity(name)
-                assert labels["job"] == "pgpressure"
-                for key in keys:
-                    assert labels.get(key), f"{name} lacks label {key}: {labels}"
-                if "app" in keys:
-                    assert labels["app"] == APP
-                else:
-                    assert labels["target"] == TARGET and labels["datname"] == e2e_db
-                annotations = alert["annotations"]
-                assert annotations["runbook_url"].endswith("#" + name.lower())
-                assert all(labels[k] in annotations["description"] for k in keys), annotations
+            identity = {"app": APP, "pool": None, "target": TARGET, "datname": e2e_db}
+            expect_firing(hook, EXPECTED_ALERTS, identity, context)
             assert workload.timeouts > 0
 
             # 2. Every dashboard query runs; the scenario's panels return data.
-            check_dashboards(prom_url)
+            # Wait until the statements source has seen the spilling sort, so the statement
+            # panels have something to show.
+            wait_until(
+                "statement temp bytes scraped",
+                lambda: prom_query(prom_url, "pg_statement_temp_bytes_total > 0"),
+                30,
+            )
+            check_dashboards(
+                prom_url,
+                lambda q: (q.dashboard, q.panel) not in RDS_PROXY_PANELS,
+                {"job": "pgpressure", "target": TARGET, "app": APP},
+            )
 
             # 3. With the workload gone, every alert resolves.
             workload.finish()
-            for name in EXPECTED_ALERTS:
-                wait_until(
-                    f"{name} resolved at the webhook",
-                    lambda n=name: hook.find(n, "resolved"),
-                    DEADLINE_RESOLVE,
-                    context,
-                )
+            expect_resolved(hook, EXPECTED_ALERTS, context)
         finally:
             workload.close()
 
@@ -438,30 +442,165 @@ def load_severity(name: str) -> str:
     )
 
 
-def check_dashboards(prom_url: str) -> None:
-    # Wait until the statements source has seen the spilling sort, so the statement panels
-    # have something to show.
-    wait_until(
-        "statement temp bytes scraped",
-        lambda: prom_query(prom_url, "pg_statement_temp_bytes_total > 0"),
-        30,
-    )
+def expect_firing(
+    hook: Webhook,
+    expected: dict[str, tuple[str, tuple[str, ...]]],
+    identity: dict[str, str | None],
+    context: Callable[[], str],
+) -> None:
+    """Each alert reaches its route, with its severity and the labels that identify what it
+    is about (`identity`: the value each must have, None for any), and its annotations name
+    them."""
+    for name, (route, keys) in expected.items():
+        got = wait_until(
+            f"{name} firing at the webhook",
+            lambda n=name: hook.find(n, "firing"),
+            DEADLINE_FIRE,
+            context,
+        )
+        got_route, alert = got[0]
+        labels = alert["labels"]
+        assert got_route == route, (name, got_route)
+        assert labels["severity"] == load_severity(name)
+        assert labels["job"] == "pgpressure"
+        for key in keys:
+            assert labels.get(key), f"{name} lacks label {key}: {labels}"
+            assert identity[key] in (None, labels[key]), (name, key, labels)
+        annotations = alert["annotations"]
+        assert annotations["runbook_url"].endswith("#" + name.lower())
+        assert all(labels[k] in annotations["description"] for k in keys), annotations
+
+
+def expect_resolved(hook: Webhook, names: Iterable[str], context: Callable[[], str]) -> None:
+    for name in names:
+        wait_until(
+            f"{name} resolved at the webhook",
+            lambda n=name: hook.find(n, "resolved"),
+            DEADLINE_RESOLVE,
+            context,
+        )
+
+
+def check_dashboards(
+    prom_url: str, in_scenario: Callable[[PanelQuery], bool], variables: dict[str, str]
+) -> None:
+    """Every dashboard query runs without error; those of the scenario's panels return data;
+    each variable in `variables` offers the scenario's value."""
     empty: list[str] = []
     for q in panel_queries():
         expr = substitute(q.expr, RATE_INTERVAL, "1m")
         result = prom_query(prom_url, expr)  # raises on any error
         if not q.instant:
             result = result or prom_query_range(prom_url, expr)
-        if not result and (q.dashboard, q.panel) not in NOT_IN_SCENARIO:
+        if not result and in_scenario(q):
             empty.append(f"{q}: {expr}")
     assert not empty, "panels without data:\n" + "\n".join(empty)
 
-    expected = {"job": "pgpressure", "target": TARGET, "app": APP}
     for board, var, selector in variable_queries():
         values = requests.get(
             f"{prom_url}/api/v1/label/{var}/values",
             params={"match[]": selector.replace("$job", ".*")},
             timeout=10,
         ).json()["data"]
-        if var in expected:
-            assert expected[var] in values, f"{board}: variable {var} offers {values}"
+        if var in variables:
+            assert variables[var] in values, f"{board}: variable {var} offers {values}"
+
+
+# --- RDS Proxy: CloudWatch metrics and logs from the AWS emulator --------------------------
+PROXY = "orders-proxy"
+RDS_PROXY_ALERTS = {
+    "RDSProxySessionPinningHigh": ("tickets", ("proxy",)),
+    "RDSProxyBorrowLatencyHigh": ("tickets", ("proxy",)),
+}
+PINS = {  # reason slug -> the pinning lines the proxy's log gets
+    "sequence": [SETTINGS_REASON.format(digest="select nextval($1)")] * 2,
+    "prepared_statement": ["A parse message was detected."],
+    "advisory_lock": [SETTINGS_REASON.format(digest="select pg_advisory_lock($1)")],
+}
+
+
+def publish_minute(cw: object, when: datetime, pinned: float | None, borrow_us: float) -> None:
+    """One minute of the proxy's CloudWatch metrics, as two proxy hosts report it. AWS does
+    not publish the pinned count while nothing is pinned (`pinned` None)."""
+    counts = {
+        "DatabaseConnections": [6.0, 4.0],
+        "MaxDatabaseConnectionsAllowed": [45.0],
+        "ClientConnections": [18.0, 12.0],
+        "DatabaseConnectionsCurrentlyBorrowed": [3.0, 3.0],
+        "DatabaseConnectionsCurrentlyInTransaction": [2.0, 1.0],
+    }
+    if pinned is not None:
+        counts["DatabaseConnectionsCurrentlySessionPinned"] = [pinned / 2, pinned / 2]
+    for name, values in counts.items():
+        put_datapoints(cw, PROXY, name, values, when)
+    for name, value in (
+        ("DatabaseConnectionsBorrowLatency", borrow_us),
+        ("QueryDatabaseResponseLatency", 2500.0),
+    ):
+        put_datapoints(cw, PROXY, name, [value], when, unit="Microseconds")
+
+
+def minute_read(delay: float, back: int = 0) -> datetime:
+    """A time in the newest minute the rds_proxy source reads now (60 s periods ending
+    `delay` ago, aligned to the minute), or in the one `back` minutes before it."""
+    end = (time.time() - delay) // 60 * 60
+    return datetime.fromtimestamp(end - 30 - 60 * back, UTC)
+
+
+def test_rds_proxy_alerts_reach_alertmanager_and_resolve() -> None:
+    """A proxy pins 8 of its 10 database connections and borrows slowly: both RDS Proxy
+    alerts reach the ticket route with the proxy named, the RDS Proxy panels show data, the
+    pinning reasons from the proxy's log arrive in Prometheus by reason. Then AWS publishes
+    a healthy minute, without a pinned count as AWS does once nothing is pinned: both
+    resolve."""
+    delay = 60
+    hook = Webhook()
+    with (
+        moto_server() as moto,
+        tempfile.TemporaryDirectory(prefix="pgpressure-e2e-rds-") as tmpdir,
+    ):
+        aws = clients(moto, "ec2", "rds", "cloudwatch", "logs")
+        create_proxy(aws["rds"], PROXY, create_subnets(aws["ec2"], REGION))
+        # The minute before the newest, so the healthy one published later is newer even
+        # when no minute has passed by then: the source reads the newest minute.
+        publish_minute(aws["cloudwatch"], minute_read(delay, back=1), 8.0, 80_000.0)
+        lines = [
+            PIN_LINE.format(c=i, d=100 + i, reason=reason)
+            for i, reason in enumerate(r for texts in PINS.values() for r in texts)
+        ]
+        put_log_lines(aws["logs"], PROXY, lines, time.time() - 30)
+        rds_proxy = f"{{enabled: true, interval: 1s, delay: {delay}s, logs: true}}"
+        config = rds_proxy_only_config(
+            moto, rds_proxy, "AKIAPGPRESSUREE2E001", "pgpressure-e2e-secret"
+        )
+        tmp = Path(tmpdir)
+        with (
+            hook.serve() as hook_url,
+            run_daemon(config) as daemon,
+            alertmanager(tmp, hook_url) as am_url,
+            prometheus(tmp, daemon.url.removeprefix("http://"), am_url) as prom_url,
+        ):
+
+            def context() -> str:
+                received = [(r, a["labels"]["alertname"], a["status"]) for r, a in hook.alerts()]
+                return (
+                    f"\nALERTS: {[a['metric'] for a in prom_query(prom_url, 'ALERTS')]}"
+                    f"\nwebhook: {received}\ndaemon log: {daemon.log()[-1500:]}"
+                )
+
+            expect_firing(hook, RDS_PROXY_ALERTS, {"proxy": PROXY}, context)
+            pins = {
+                r["metric"]["reason"]: float(r["value"][1])
+                for r in prom_query(prom_url, f'rds_proxy_pinning_events_total{{proxy="{PROXY}"}}')
+            }
+            assert {k: v for k, v in pins.items() if v} == {k: len(v) for k, v in PINS.items()}
+            check_dashboards(
+                prom_url,
+                lambda q: (q.dashboard, q.panel) in RDS_PROXY_PANELS,
+                {"job": "pgpressure", "proxy": PROXY},
+            )
+
+            publish_minute(aws["cloudwatch"], minute_read(delay), None, 1_000.0)
+            expect_resolved(hook, RDS_PROXY_ALERTS, context)
+            ratio = prom_query(prom_url, "job_proxy:rds_proxy_database_connections_pinned:ratio")
+            assert [float(r["value"][1]) for r in ratio] == [0.0]

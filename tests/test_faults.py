@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
 import itertools
 import json
 import os
@@ -32,7 +33,13 @@ import pytest
 import requests
 
 from exporter.pgcluster import Cluster
-from tests.aws_emulator import FaultProxy, moto_server
+from tests.aws_emulator import (
+    FaultProxy,
+    clients,
+    moto_server,
+    put_datapoints,
+    rds_proxy_only_config,
+)
 from tests.helpers import DaemonProcess, free_port, run_daemon
 
 # Per-probe bounds. The issue's figure is 100 ms; a single probe on a 2-core CI runner that is
@@ -445,45 +452,17 @@ def moto() -> Iterator[str]:
 
 
 def aws_config(endpoint: str) -> str:
-    return f"""
-databases: []
-ingest: {{enabled: false}}
-aws:
-  region: us-east-1
-  endpoint_url: {endpoint}
-  access_key_id: {AWS_KEY_ID}
-  secret_access_key: {AWS_SECRET}
-  rds_proxy:
-    enabled: true
-    proxies: [orders-proxy]
-    interval: 1s
-    delay: 60s
-    logs: false
-"""
+    rds_proxy = "{enabled: true, proxies: [orders-proxy], interval: 1s, delay: 60s, logs: false}"
+    return rds_proxy_only_config(endpoint, rds_proxy, AWS_KEY_ID, AWS_SECRET)
 
 
 def put_connections(moto_url: str, value: float) -> None:
-    import datetime
-
-    import boto3
-
-    cw = boto3.client(
-        "cloudwatch",
-        region_name="us-east-1",
-        endpoint_url=moto_url,
-        aws_access_key_id="setup",
-        aws_secret_access_key="setup",
-    )
-    cw.put_metric_data(
-        Namespace="AWS/RDS",
-        MetricData=[
-            {
-                "MetricName": "DatabaseConnections",
-                "Dimensions": [{"Name": "ProxyName", "Value": "orders-proxy"}],
-                "Timestamp": datetime.datetime.now(datetime.UTC) - datetime.timedelta(seconds=200),
-                "Value": value,
-            }
-        ],
+    put_datapoints(
+        clients(moto_url, "cloudwatch")["cloudwatch"],
+        "orders-proxy",
+        "DatabaseConnections",
+        [value],
+        datetime.datetime.now(datetime.UTC) - datetime.timedelta(seconds=200),
     )
 
 

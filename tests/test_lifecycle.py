@@ -13,6 +13,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
+from tests.aws_emulator import rds_proxy_only_config
 from tests.helpers import run_daemon
 
 
@@ -59,16 +60,8 @@ def test_stopping_while_a_cloudwatch_call_hangs():
 
         threading.Thread(target=accept, daemon=True).start()
         endpoint = f"http://127.0.0.1:{black_hole.getsockname()[1]}"
-        aws = f"""
-databases: []
-ingest: {{enabled: false}}
-aws:
-  region: us-east-1
-  endpoint_url: {endpoint}
-  access_key_id: AKIDEXAMPLE
-  secret_access_key: not-a-real-secret
-  rds_proxy: {{enabled: true, proxies: [orders-proxy], interval: 1s, logs: false}}
-"""
+        rds_proxy = "{enabled: true, proxies: [orders-proxy], interval: 1s, logs: false}"
+        aws = rds_proxy_only_config(endpoint, rds_proxy, "AKIDEXAMPLE", "not-a-real-secret")
         with run_daemon(aws) as d:
             assert accepted.wait(15), "the source never called the endpoint"
             d.process.send_signal(signal.SIGTERM)

@@ -12,7 +12,6 @@ import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
 
-import boto3
 import pytest
 import requests
 
@@ -24,11 +23,21 @@ from exporter.render import Renderer
 from exporter.runner import SourceRunner
 from exporter.sources.rds_proxy import RdsProxySource, _plausible
 from exporter.store import Store
-from tests.aws_emulator import FaultProxy, moto_server
+from tests.aws_emulator import (
+    PIN_LINE,
+    REGION,
+    SETTINGS_REASON,
+    FaultProxy,
+    clients,
+    create_proxy,
+    create_subnets,
+    moto_server,
+    put_datapoints,
+    put_log_lines,
+)
 
 SECRET = "pgpressure-test-secret-0123456789"
 KEY_ID = "AKIAPGPRESSURETEST01"
-REGION = "us-east-1"
 
 JSON10 = {"Content-Type": "application/x-amz-json-1.0"}
 JSON11 = {"Content-Type": "application/x-amz-json-1.1"}
@@ -54,13 +63,7 @@ def aws(moto_url: str, fault_proxy: FaultProxy):
     """A clean emulator; boto3 clients that talk to it directly (setup is not counted)."""
     requests.post(f"{moto_url}/moto-api/reset", timeout=10).raise_for_status()
     fault_proxy.reset()
-    kw = {
-        "region_name": REGION,
-        "endpoint_url": moto_url,
-        "aws_access_key_id": "setup",
-        "aws_secret_access_key": "setup",
-    }
-    return {name: boto3.client(name, **kw) for name in ("ec2", "rds", "cloudwatch", "logs")}
+    return clients(moto_url, "ec2", "rds", "cloudwatch", "logs")
 
 
 # --- the world: proxies, datapoints, log lines -------------------------------------------
@@ -74,25 +77,16 @@ def _at(seconds_before_window_end: float) -> datetime:
     return datetime.fromtimestamp(WINDOW_END - seconds_before_window_end, UTC)
 
 
-PIN = (
-    "[WARN] [proxyEndpoint=default] [clientConnection={c}] The client session was pinned to "
-    "the database connection [dbConnection={d}] for the remainder of the session. The proxy "
-    "can't reuse this connection until the session ends. Reason: {reason}"
-)
-SETTINGS = (
-    "SQL changed session settings that the proxy doesn't track. Consider moving "
-    'session configuration to the proxy\'s initialization query. Digest: "{digest}".'
-)
 ORDERS_LINES = [
-    PIN.format(c=1, d=11, reason=SETTINGS.format(digest="set search_path to $1,$2,$3")),
-    PIN.format(c=2, d=12, reason=SETTINGS.format(digest="set search_path to $1,$2,$3")),
-    PIN.format(c=3, d=13, reason=SETTINGS.format(digest="set extra_float_digits = $1")),
-    PIN.format(c=4, d=14, reason="A parse message was detected."),
-    PIN.format(c=5, d=15, reason="A parse message was detected."),
-    PIN.format(c=6, d=16, reason=SETTINGS.format(digest="select pg_advisory_lock($1)")),
-    PIN.format(c=7, d=17, reason=SETTINGS.format(digest="create temp table t (a int)")),
-    PIN.format(c=8, d=18, reason=SETTINGS.format(digest="select nextval($1)")),
-    PIN.format(c=9, d=19, reason=SETTINGS.format(digest="select nextval($1)")),
+    PIN_LINE.format(c=1, d=11, reason=SETTINGS_REASON.format(digest="set search_path to $1,$2,$3")),
+    PIN_LINE.format(c=2, d=12, reason=SETTINGS_REASON.format(digest="set search_path to $1,$2,$3")),
+    PIN_LINE.format(c=3, d=13, reason=SETTINGS_REASON.format(digest="set extra_float_digits = $1")),
+    PIN_LINE.format(c=4, d=14, reason="A parse message was detected."),
+    PIN_LINE.format(c=5, d=15, reason="A parse message was detected."),
+    PIN_LINE.format(c=6, d=16, reason=SETTINGS_REASON.format(digest="select pg_advisory_lock($1)")),
+    PIN_LINE.format(c=7, d=17, reason=SETTINGS_REASON.format(digest="create temp table t (a int)")),
+    PIN_LINE.format(c=8, d=18, reason=SETTINGS_REASON.format(digest="select nextval($1)")),
+    PIN_LINE.format(c=9, d=19, reason=SETTINGS_REASON.format(digest="select nextval($1)")),
     # not pins: a warning about a possible pin, and ordinary connection chatter
     "[INFO] [proxyEndpoint=default] [clientConnection=10] If this prepared statement runs, the "
     "client session will be pinned. Reason: SQL changed session settings that the proxy "
@@ -108,65 +102,9 @@ ORDERS_REASONS = {
 }
 
 
-def _put(
-    cw,
-    proxy: str,
-    name: str,
-    values: list[float],
-    when: datetime,
-    extra: dict[str, str] | None = None,
-    unit: str = "Count",
-) -> None:
-    dims = [{"Name": "ProxyName", "Value": proxy}]
-    dims += [{"Name": k, "Value": v} for k, v in (extra or {}).items()]
-    cw.put_metric_data(
-        Namespace="AWS/RDS",
-        MetricData=[
-            {"MetricName": name, "Dimensions": dims, "Timestamp": when, "Value": v, "Unit": unit}
-            for v in values
-        ],
-    )
-
-
-def _create_proxy(rds, name: str, subnets: list[str], engine: str = "POSTGRESQL") -> None:
-    rds.create_db_proxy(
-        DBProxyName=name,
-        EngineFamily=engine,
-        RoleArn="arn:aws:iam::123456789012:role/proxy",
-        Auth=[
-            {
-                "AuthScheme": "SECRETS",
-                "IAMAuth": "DISABLED",
-                "SecretArn": "arn:aws:secretsmanager:us-east-1:123456789012:secret:db-abc",
-            }
-        ],
-        VpcSubnetIds=subnets,
-    )
-
-
-def _put_logs(logs, proxy: str, lines: list[str], start: float, create: bool = True) -> None:
-    group = f"/aws/rds/proxy/{proxy}"
-    if create:
-        logs.create_log_group(logGroupName=group)
-        logs.create_log_stream(logGroupName=group, logStreamName="proxy-host-1")
-    logs.put_log_events(
-        logGroupName=group,
-        logStreamName="proxy-host-1",
-        logEvents=[
-            {"timestamp": int((start + i) * 1000), "message": line} for i, line in enumerate(lines)
-        ],
-    )
-
-
 def build_world(aws) -> None:
     ec2, rds, cw, logs = aws["ec2"], aws["rds"], aws["cloudwatch"], aws["logs"]
-    vpc = ec2.create_vpc(CidrBlock="10.20.0.0/16")["Vpc"]["VpcId"]
-    subnets = [
-        ec2.create_subnet(
-            VpcId=vpc, CidrBlock=f"10.20.{i}.0/24", AvailabilityZone=f"{REGION}{zone}"
-        )["Subnet"]["SubnetId"]
-        for i, zone in enumerate("ab")
-    ]
+    subnets = create_subnets(ec2, REGION)
     rds.create_db_instance(
         DBInstanceIdentifier="orders-db",
         Engine="postgres",
@@ -176,23 +114,27 @@ def build_world(aws) -> None:
         AllocatedStorage=20,
     )
     for name in ("orders-proxy", "billing-proxy", "idle-proxy"):
-        _create_proxy(rds, name, subnets)
-    _create_proxy(rds, "legacy-mysql-proxy", subnets, engine="MYSQL")
+        create_proxy(rds, name, subnets)
+    create_proxy(rds, "legacy-mysql-proxy", subnets, engine="MYSQL")
     rds.register_db_proxy_targets(
         DBProxyName="orders-proxy", TargetGroupName="default", DBInstanceIdentifiers=["orders-db"]
     )
 
     # orders-proxy, ProxyName only. Two proxy hosts report in the same minute: Sum adds them,
     # Average averages the latencies (microseconds).
-    _put(cw, "orders-proxy", "DatabaseConnections", [2.0], _at(240))  # older: not the newest
-    _put(cw, "orders-proxy", "DatabaseConnections", [3.0, 4.0], _at(90))
-    _put(cw, "orders-proxy", "DatabaseConnections", [999.0], _at(-30))  # after the window
-    _put(cw, "orders-proxy", "DatabaseConnectionsCurrentlySessionPinned", [2.0, 3.0], _at(90))
-    _put(cw, "orders-proxy", "DatabaseConnectionsCurrentlyBorrowed", [1.0, 1.0], _at(90))
-    _put(cw, "orders-proxy", "DatabaseConnectionsCurrentlyInTransaction", [1.0], _at(90))
-    _put(cw, "orders-proxy", "MaxDatabaseConnectionsAllowed", [45.0, 45.0], _at(90))
-    _put(cw, "orders-proxy", "ClientConnections", [20.0, 22.0], _at(90))
-    _put(
+    put_datapoints(
+        cw, "orders-proxy", "DatabaseConnections", [2.0], _at(240)
+    )  # older: not the newest
+    put_datapoints(cw, "orders-proxy", "DatabaseConnections", [3.0, 4.0], _at(90))
+    put_datapoints(cw, "orders-proxy", "DatabaseConnections", [999.0], _at(-30))  # after the window
+    put_datapoints(
+        cw, "orders-proxy", "DatabaseConnectionsCurrentlySessionPinned", [2.0, 3.0], _at(90)
+    )
+    put_datapoints(cw, "orders-proxy", "DatabaseConnectionsCurrentlyBorrowed", [1.0, 1.0], _at(90))
+    put_datapoints(cw, "orders-proxy", "DatabaseConnectionsCurrentlyInTransaction", [1.0], _at(90))
+    put_datapoints(cw, "orders-proxy", "MaxDatabaseConnectionsAllowed", [45.0, 45.0], _at(90))
+    put_datapoints(cw, "orders-proxy", "ClientConnections", [20.0, 22.0], _at(90))
+    put_datapoints(
         cw,
         "orders-proxy",
         "DatabaseConnectionsBorrowLatency",
@@ -200,12 +142,16 @@ def build_world(aws) -> None:
         _at(90),
         unit="Microseconds",
     )
-    _put(cw, "orders-proxy", "QueryDatabaseResponseLatency", [800.0], _at(90), unit="Microseconds")
+    put_datapoints(
+        cw, "orders-proxy", "QueryDatabaseResponseLatency", [800.0], _at(90), unit="Microseconds"
+    )
     # per target (dimension set 3) and per role (set 4, not read)
     target = {"TargetGroup": "default", "Target": "orders-db"}
-    _put(cw, "orders-proxy", "DatabaseConnections", [6.0], _at(90), target)
-    _put(cw, "orders-proxy", "DatabaseConnectionsCurrentlySessionPinned", [4.0], _at(90), target)
-    _put(
+    put_datapoints(cw, "orders-proxy", "DatabaseConnections", [6.0], _at(90), target)
+    put_datapoints(
+        cw, "orders-proxy", "DatabaseConnectionsCurrentlySessionPinned", [4.0], _at(90), target
+    )
+    put_datapoints(
         cw,
         "orders-proxy",
         "QueryDatabaseResponseLatency",
@@ -214,7 +160,7 @@ def build_world(aws) -> None:
         target,
         unit="Microseconds",
     )
-    _put(
+    put_datapoints(
         cw,
         "orders-proxy",
         "DatabaseConnections",
@@ -223,11 +169,11 @@ def build_world(aws) -> None:
         {"TargetGroup": "default", "TargetRole": "READ_WRITE"},
     )
     # billing-proxy reports connections but has never pinned one: pinned is 0, not absent
-    _put(cw, "billing-proxy", "DatabaseConnections", [3.0], _at(60))
+    put_datapoints(cw, "billing-proxy", "DatabaseConnections", [3.0], _at(60))
     # idle-proxy: nothing at all, and no log group
 
-    _put_logs(logs, "orders-proxy", ORDERS_LINES, T0 - 60)
-    _put_logs(logs, "billing-proxy", [ORDERS_LINES[-1]], T0 - 30)
+    put_log_lines(logs, "orders-proxy", ORDERS_LINES, T0 - 60)
+    put_log_lines(logs, "billing-proxy", [ORDERS_LINES[-1]], T0 - 30)
 
 
 class Clock:
@@ -321,7 +267,7 @@ async def test_metrics_units_reasons_and_one_batched_call(aws, fault_proxy, capl
 
     # A minute later: new lines are counted once, the overlap is not counted twice, the
     # missing log group is not retried before discovery_interval, discovery is not repeated.
-    _put_logs(
+    put_log_lines(
         aws["logs"], "orders-proxy", [ORDERS_LINES[3], ORDERS_LINES[3]], T0 + 20, create=False
     )
     clock.now = T0 + 60
@@ -380,10 +326,10 @@ async def test_implausible_datapoints_are_skipped_and_discovery_is_capped(
     # The newest DatabaseConnections datapoint (the minute of 3.0 at _at(60)) sums to -2: only
     # the filter keeps it, and the rest of its minute, from being exported; the minute before
     # is (moto, like AWS, refuses NaN and infinities on input; the unit test below covers those).
-    _put(cw, "billing-proxy", "DatabaseConnections", [-5.0], _at(60))
-    _put(cw, "billing-proxy", "ClientConnections", [50.0], _at(60))
-    _put(cw, "billing-proxy", "DatabaseConnections", [4.0], _at(120))
-    _put(cw, "billing-proxy", "ClientConnections", [8.0], _at(120))
+    put_datapoints(cw, "billing-proxy", "DatabaseConnections", [-5.0], _at(60))
+    put_datapoints(cw, "billing-proxy", "ClientConnections", [50.0], _at(60))
+    put_datapoints(cw, "billing-proxy", "DatabaseConnections", [4.0], _at(120))
+    put_datapoints(cw, "billing-proxy", "ClientConnections", [8.0], _at(120))
     caplog.set_level(logging.WARNING, logger="pgpressure.rds_proxy")
     source = make_source(fault_proxy.url, Clock(T0), max_proxies=2, logs=False)
 
@@ -410,16 +356,18 @@ async def test_values_of_a_label_set_come_from_one_minute(aws, fault_proxy) -> N
     cw = aws["cloudwatch"]
     # billing-proxy pinned connections three minutes ago and AWS stopped publishing the pinned
     # count when they were released; DatabaseConnections goes on (3.0 at _at(60)).
-    _put(cw, "billing-proxy", "DatabaseConnectionsCurrentlySessionPinned", [5.0], _at(180))
-    _put(cw, "billing-proxy", "DatabaseConnections", [6.0], _at(180))
-    _put(cw, "billing-proxy", "ClientConnections", [40.0], _at(180))
+    put_datapoints(
+        cw, "billing-proxy", "DatabaseConnectionsCurrentlySessionPinned", [5.0], _at(180)
+    )
+    put_datapoints(cw, "billing-proxy", "DatabaseConnections", [6.0], _at(180))
+    put_datapoints(cw, "billing-proxy", "ClientConnections", [40.0], _at(180))
     # the same per target: connections newer than orders-db's pinned 4.0 at _at(90)
     target = {"TargetGroup": "default", "Target": "orders-db"}
-    _put(cw, "orders-proxy", "DatabaseConnections", [5.0], _at(30), target)
+    put_datapoints(cw, "orders-proxy", "DatabaseConnections", [5.0], _at(30), target)
     # idle-proxy has no DatabaseConnections datapoint at all: its newest minute of any metric
-    _put(cw, "idle-proxy", "DatabaseConnectionsCurrentlySessionPinned", [1.0], _at(150))
-    _put(cw, "idle-proxy", "ClientConnections", [2.0], _at(150))
-    _put(cw, "idle-proxy", "ClientConnections", [1.0], _at(30))
+    put_datapoints(cw, "idle-proxy", "DatabaseConnectionsCurrentlySessionPinned", [1.0], _at(150))
+    put_datapoints(cw, "idle-proxy", "ClientConnections", [2.0], _at(150))
+    put_datapoints(cw, "idle-proxy", "ClientConnections", [1.0], _at(30))
     source = make_source(fault_proxy.url, Clock(T0), logs=False)
 
     samples = list(await source.sample())
@@ -517,7 +465,7 @@ async def test_faults_back_off_and_keep_the_last_values(aws, fault_proxy, fault)
 
     operation, status, body, headers, code = FAULTS[fault]
     fault_proxy.inject(operation, status, body, headers)
-    _put_logs(aws["logs"], "orders-proxy", [ORDERS_LINES[0]], T0 + 10, create=False)
+    put_log_lines(aws["logs"], "orders-proxy", [ORDERS_LINES[0]], T0 + 10, create=False)
     clock.now = T0 + 60
     await runner.run_once()  # must not raise
     assert not health.up and health.errors_total == 1
@@ -610,7 +558,7 @@ def _record_close(close, closed: list[str], name: str) -> None:
 async def test_log_reading_is_bounded_per_poll(aws, fault_proxy) -> None:
     build_world(aws)
     many = [ORDERS_LINES[3]] * 30
-    _put_logs(aws["logs"], "billing-proxy", many, T0 - 20, create=False)
+    put_log_lines(aws["logs"], "billing-proxy", many, T0 - 20, create=False)
     clock = Clock(T0)
     source = make_source(
         fault_proxy.url, clock, max_log_events_per_poll=12, proxies=["billing-proxy"]
@@ -661,7 +609,7 @@ async def test_a_log_scan_longer_than_one_poll_goes_on_from_its_next_page_token(
     again would meet the same empty pages and never reach the lines."""
     build_world(aws)
     # older than the overlap a cursor moved to "now" would re-read on the next poll
-    _put_logs(aws["logs"], "billing-proxy", [ORDERS_LINES[3]] * 5, T0 - 250, create=False)
+    put_log_lines(aws["logs"], "billing-proxy", [ORDERS_LINES[3]] * 5, T0 - 250, create=False)
     fault_proxy.inject_empty_pages("FilterLogEvents", 150)  # more than one poll may call
     clock = Clock(T0)
     source = make_source(fault_proxy.url, clock, proxies=["billing-proxy"])
@@ -685,7 +633,7 @@ async def test_a_scan_whose_token_is_refused_starts_again_and_counts_nothing_twi
     """Next-page tokens expire after 24 hours (an exporter stopped for a day, say): the scan
     then starts over from the cursor, and the lines are still counted once."""
     build_world(aws)
-    _put_logs(aws["logs"], "billing-proxy", [ORDERS_LINES[3]] * 5, T0 - 250, create=False)
+    put_log_lines(aws["logs"], "billing-proxy", [ORDERS_LINES[3]] * 5, T0 - 250, create=False)
     fault_proxy.inject_empty_pages("FilterLogEvents", 150)
     clock = Clock(T0)
     source = make_source(fault_proxy.url, clock, proxies=["billing-proxy"])
@@ -738,7 +686,7 @@ async def test_throttled_logs_skip_the_logs_not_the_poll(aws, fault_proxy, caplo
 
     throttled = json.dumps({"__type": "ThrottlingException", "message": "Rate exceeded"})
     fault_proxy.inject("FilterLogEvents", 400, throttled, JSON11)
-    _put_logs(aws["logs"], "orders-proxy", [ORDERS_LINES[0]], T0 + 10, create=False)
+    put_log_lines(aws["logs"], "orders-proxy", [ORDERS_LINES[0]], T0 + 10, create=False)
     clock.now = T0 + 60
     await runner.run_once()
     assert health.up and health.errors_total == 0
@@ -771,7 +719,7 @@ async def test_a_proxy_that_leaves_discovery_and_returns_resumes_its_log_reading
     assert pin_counts(polls[0], "orders-proxy")["session_settings"] == 3.0
 
     # a proxy that sorts first pushes orders-proxy past max_proxies for one discovery
-    _create_proxy(rds, "alpha-proxy", subnets)
+    create_proxy(rds, "alpha-proxy", subnets)
     clock.now = T0 + 60
     polls.append(list(await source.sample()))
     assert "orders-proxy" not in {s.labels[0] for s in polls[-1] if s.spec.kind == "gauge"}
@@ -779,7 +727,7 @@ async def test_a_proxy_that_leaves_discovery_and_returns_resumes_its_log_reading
     assert pin_counts(polls[-1], "orders-proxy") == pin_counts(polls[0], "orders-proxy")
 
     rds.delete_db_proxy(DBProxyName="alpha-proxy")
-    _put_logs(aws["logs"], "orders-proxy", [ORDERS_LINES[0]], T0 + 70, create=False)
+    put_log_lines(aws["logs"], "orders-proxy", [ORDERS_LINES[0]], T0 + 70, create=False)
     clock.now = T0 + 120
     polls.append(list(await source.sample()))
     # back: read on from its cursor, so the lines counted before are not counted again, and the
