@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import signal
 import ssl
 import time
@@ -62,8 +63,8 @@ class Daemon:
         self.config = config
         self.listen_address = listen_address
         self.max_connections = max_connections
-        self.connections_refused = 0
-        self._refusal_logged_at = -REFUSAL_LOG_EVERY
+        self.http_connections_refused = 0
+        self._refusal_logged_at = -math.inf
         self.ssl_context = ssl_context
         self.middlewares = middlewares or []
         self.store = Store()
@@ -135,13 +136,13 @@ class Daemon:
         runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
         await runner.setup()
         host, port = parse_listen_address(self.listen_address)
-        self._count_refused_connection(0)
+        self._publish_http_connections_refused()  # 0 from the start, as counters should be
         site = CappedSite(
             runner,
             host,
             port,
             max_connections=self.max_connections,
-            on_refused=self._count_refused_connection,
+            on_refused=self._http_connection_refused,
             ssl_context=self.ssl_context,
         )
         await site.start()
@@ -187,21 +188,24 @@ class Daemon:
             scheduler.shutdown(wait=False)
             await self._close(runner)
 
-    def _count_refused_connection(self, n: int = 1) -> None:
+    def _http_connection_refused(self) -> None:
         """Count a connection closed at the cap; say so in the log at most once a minute."""
-        self.connections_refused += n
+        self.http_connections_refused += 1
         now = time.monotonic()
-        if n and now - self._refusal_logged_at >= REFUSAL_LOG_EVERY:
+        if now - self._refusal_logged_at >= REFUSAL_LOG_EVERY:
             self._refusal_logged_at = now
             log.warning(
                 "refusing connections: too many open",
                 extra=kv(
-                    max_connections=self.max_connections, refused_total=self.connections_refused
+                    max_connections=self.max_connections,
+                    refused_total=self.http_connections_refused,
                 ),
             )
-        self.store.publish(
-            ("http", ""), [Sample(HTTP_CONNECTIONS_REFUSED, (), float(self.connections_refused))]
-        )
+        self._publish_http_connections_refused()
+
+    def _publish_http_connections_refused(self) -> None:
+        value = float(self.http_connections_refused)
+        self.store.publish(("http", ""), [Sample(HTTP_CONNECTIONS_REFUSED, (), value)])
 
     async def _close(self, runner: web.AppRunner) -> None:
         async def close_all() -> None:
