@@ -8,6 +8,7 @@ import http.client
 import json
 import threading
 import time
+import urllib.request
 from collections import Counter, defaultdict
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -35,16 +36,27 @@ class EmptyPages:
 
 @contextlib.contextmanager
 def moto_server() -> Iterator[str]:
-    """moto in server mode on 127.0.0.1 (a free port); yields its URL."""
+    """moto in server mode on 127.0.0.1 (a free port); yields its URL. It starts empty:
+    moto keeps its state per Python process, not per server, so what an earlier test put
+    (a newer datapoint for the same proxy, say) would otherwise still be there."""
     from moto.server import ThreadedMotoServer  # only the tests that use moto pay its import
 
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     try:
         host, port = server.get_host_and_port()
-        yield f"http://{host}:{port}"
+        url = f"http://{host}:{port}"
+        reset_moto(url)
+        yield url
     finally:
         server.stop()
+
+
+def reset_moto(url: str) -> None:
+    """Forget every resource and datapoint (moto's own reset endpoint)."""
+    request = urllib.request.Request(f"{url}/moto-api/reset", method="POST")
+    with urllib.request.urlopen(request, timeout=10) as answer:
+        assert answer.status == 200, answer.status
 
 
 class LocalHttpServer:

@@ -13,7 +13,6 @@ from collections.abc import Iterator
 from datetime import UTC, datetime
 
 import pytest
-import requests
 
 from exporter import metrics as m
 from exporter.aws import AwsApiError, Clients, TooManyPages
@@ -34,6 +33,7 @@ from tests.aws_emulator import (
     moto_server,
     put_datapoints,
     put_log_lines,
+    reset_moto,
 )
 
 SECRET = "pgpressure-test-secret-0123456789"
@@ -61,7 +61,7 @@ def fault_proxy(moto_url: str) -> Iterator[FaultProxy]:
 @pytest.fixture
 def aws(moto_url: str, fault_proxy: FaultProxy):
     """A clean emulator; boto3 clients that talk to it directly (setup is not counted)."""
-    requests.post(f"{moto_url}/moto-api/reset", timeout=10).raise_for_status()
+    reset_moto(moto_url)
     fault_proxy.reset()
     return clients(moto_url, "ec2", "rds", "cloudwatch", "logs")
 
