@@ -6,12 +6,11 @@ backwards when a gunicorn worker restarts, a pid is reused (the process id inclu
 time) or a process starts over from zero (its old totals are folded in first; a restart is
 seen in the integer counts only, as the float sums of a process may wobble by an ulp). A
 process silent for `stale_after` (or three of its push intervals, if longer) leaves the gauges
-and its totals are folded in; the last `max_processes` departed processes are remembered
-however long ago they left, so if one reports again (a paused pod, a network partition) its
-folded totals are taken back out instead of being counted twice. Exported histogram sums
-never go below what was exported before. Apps, pools per app and live processes are capped;
-every refusal, including those of the HTTP route, is counted in
-`pgpressure_reports_total{result}`.
+and its totals are folded in; it is remembered for ten times that long, so if it reports again
+(a paused pod, a network partition) its folded totals are taken back out instead of being
+counted twice. Exported histogram sums never go below what was exported before. Apps, pools
+per app and live processes are capped; every refusal, including those of the HTTP route, is
+counted in `pgpressure_reports_total{result}`.
 
 Everything runs on the daemon's event loop without awaiting, so no locks are needed.
 """
@@ -60,6 +59,7 @@ RESULTS = (
 TOKEN_TTL = 5.0  # seconds a token read from token_file is trusted before re-reading
 INTERVALS_STALE = 3  # a process is stale after this many of its push intervals (or stale_after)
 MAX_INTERVAL = 3600.0  # the longest push interval the instrumentation uses
+GONE_KEEP = 10  # a departed process is remembered for this many times its staleness
 
 # --- the report schema -------------------------------------------------------------------------
 Name = Annotated[
@@ -222,11 +222,12 @@ class AppState:
 
 @dataclass
 class Gone:
-    """A departed process: what was folded into `app.departed` for it."""
+    """A departed process: what was folded into `app.departed` for it, until `until`."""
 
     app: AppState
     seq: int
     pools: dict[str, PoolReport]
+    until: float  # monotonic
 
 
 class Refused(Exception):
@@ -428,6 +429,8 @@ class AppsAggregator(Source):
         for key, proc in list(self.processes.items()):
             if proc.last_seen < now - max(proc.stale_after, self.config.stale_after):
                 self._depart(key, proc, now)
+        for key in [k for k, g in self.gone.items() if g.until < now]:
+            del self.gone[key]
 
     def _depart(self, key: tuple[str, str], proc: Process, now: float) -> None:
         app = self.apps.get(proc.app)
@@ -439,11 +442,10 @@ class AppsAggregator(Source):
         app.live -= 1
         if app.live == 0:
             app.idle_since = now
-        # Remembered (the newest max_processes of them), so that a return is not counted twice.
-        # A time limit would forget a pod paused for long, whose whole history would then be
-        # counted again when it resumes.
+        # Remembered a while (bounded), so that a return is not counted twice.
+        stale = max(proc.stale_after, self.config.stale_after)
         self.gone.pop(key, None)  # re-inserted last: the dict stays oldest first
-        self.gone[key] = Gone(app, proc.seq, proc.pools)
+        self.gone[key] = Gone(app, proc.seq, proc.pools, now + GONE_KEEP * stale)
         while len(self.gone) > self.config.max_processes:
             del self.gone[next(iter(self.gone))]
 
