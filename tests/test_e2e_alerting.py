@@ -44,18 +44,7 @@ import requests
 import yaml
 
 from exporter.pgcluster import Cluster
-from tests.aws_emulator import (
-    PIN_LINE,
-    REGION,
-    SETTINGS_REASON,
-    clients,
-    create_proxy,
-    create_subnets,
-    moto_server,
-    put_datapoints,
-    put_log_lines,
-    rds_proxy_only_config,
-)
+from tests import aws_emulator as emulator
 from tests.conftest import MONITOR_PASSWORD
 from tests.helpers import free_port, logged_process, run_daemon
 from tests.promql_tools import (
@@ -513,9 +502,9 @@ RDS_PROXY_ALERTS = {
     "RDSProxyBorrowLatencyHigh": ("tickets", ("proxy",)),
 }
 PINS = {  # reason slug -> the pinning lines the proxy's log gets
-    "sequence": [SETTINGS_REASON.format(digest="select nextval($1)")] * 2,
+    "sequence": [emulator.SETTINGS_REASON.format(digest="select nextval($1)")] * 2,
     "prepared_statement": ["A parse message was detected."],
-    "advisory_lock": [SETTINGS_REASON.format(digest="select pg_advisory_lock($1)")],
+    "advisory_lock": [emulator.SETTINGS_REASON.format(digest="select pg_advisory_lock($1)")],
 }
 
 
@@ -532,12 +521,12 @@ def publish_minute(cw: object, when: datetime, pinned: float | None, borrow_us: 
     if pinned is not None:
         counts["DatabaseConnectionsCurrentlySessionPinned"] = [pinned / 2, pinned / 2]
     for name, values in counts.items():
-        put_datapoints(cw, PROXY, name, values, when)
+        emulator.put_datapoints(cw, PROXY, name, values, when)
     for name, value in (
         ("DatabaseConnectionsBorrowLatency", borrow_us),
         ("QueryDatabaseResponseLatency", 2500.0),
     ):
-        put_datapoints(cw, PROXY, name, [value], when, unit="Microseconds")
+        emulator.put_datapoints(cw, PROXY, name, [value], when, unit="Microseconds")
 
 
 def minute_read(delay: float, back: int = 0) -> datetime:
@@ -556,21 +545,22 @@ def test_rds_proxy_alerts_reach_alertmanager_and_resolve() -> None:
     delay = 60
     hook = Webhook()
     with (
-        moto_server() as moto,
+        emulator.moto_server() as moto,
         tempfile.TemporaryDirectory(prefix="pgpressure-e2e-rds-") as tmpdir,
     ):
-        aws = clients(moto, "ec2", "rds", "cloudwatch", "logs")
-        create_proxy(aws["rds"], PROXY, create_subnets(aws["ec2"], REGION))
+        aws = emulator.clients(moto, "ec2", "rds", "cloudwatch", "logs")
+        subnets = emulator.create_subnets(aws["ec2"], emulator.REGION)
+        emulator.create_proxy(aws["rds"], PROXY, subnets)
         # The minute before the newest, so the healthy one published later is newer even
         # when no minute has passed by then: the source reads the newest minute.
         publish_minute(aws["cloudwatch"], minute_read(delay, back=1), 8.0, 80_000.0)
         lines = [
-            PIN_LINE.format(c=i, d=100 + i, reason=reason)
+            emulator.PIN_LINE.format(c=i, d=100 + i, reason=reason)
             for i, reason in enumerate(r for texts in PINS.values() for r in texts)
         ]
-        put_log_lines(aws["logs"], PROXY, lines, time.time() - 30)
+        emulator.put_log_lines(aws["logs"], PROXY, lines, time.time() - 30)
         rds_proxy = f"{{enabled: true, interval: 1s, delay: {delay}s, logs: true}}"
-        config = rds_proxy_only_config(
+        config = emulator.rds_proxy_only_config(
             moto, rds_proxy, "AKIAPGPRESSUREE2E001", "pgpressure-e2e-secret"
         )
         tmp = Path(tmpdir)
