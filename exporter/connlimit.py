@@ -12,6 +12,7 @@ either.
 from __future__ import annotations
 
 import asyncio
+import ssl
 from collections.abc import Callable
 
 from aiohttp import web
@@ -29,7 +30,9 @@ class _Refused(asyncio.Protocol):
 
 class CappedSite(web.BaseSite):
     """aiohttp's TCP site with a limit on open connections (aiohttp counts them: a handler
-    joins `Server.connections` when its connection is made and leaves when it is lost)."""
+    joins `Server.connections` when its connection is made and leaves when it is lost). The
+    loop makes connections just after accepting them, so a burst accepted at once may pass
+    the cap by the part of the burst not yet made; the next burst sees them."""
 
     def __init__(
         self,
@@ -39,7 +42,7 @@ class CappedSite(web.BaseSite):
         *,
         max_connections: int,
         on_refused: Callable[[], None],
-        ssl_context=None,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         super().__init__(runner, ssl_context=ssl_context)
         if max_connections < 1:
