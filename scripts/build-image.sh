@@ -115,7 +115,10 @@ work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 mounts=()
 while IFS= read -r path; do
-  [ -e "$path" ] && mounts+=(-v "$path:$path:ro")
+  # (a symlink: its target, mounted where the configuration names it)
+  if [ -e "$path" ]; then
+    mounts+=(-v "$(realpath "$path"):$path:ro")
+  fi
 done < <(
   "${PYTHON:-python3}" - "$work/pip.conf" <<'EOF'
 import ast, configparser, os, re, subprocess, sys
@@ -148,13 +151,13 @@ for (section, name), value in sorted(settings.items()):
         if word.startswith("file://"):
             path = unquote(urlsplit(word).path)
             # a local simple index links its files as ../../files/...: mount its parent
-            paths.add(os.path.dirname(path.rstrip("/")) if path.rstrip("/").endswith("/simple") else path)
+            path = path.rstrip("/")
+            paths.add(os.path.dirname(path) if path.endswith("/simple") else path)
         elif word.startswith("/"):
             paths.add(word)
 with open(sys.argv[1], "w") as f:
     conf.write(f)
-for path in sorted(paths):
-    print(os.path.realpath(path) if os.path.islink(path) else path)
+print("\n".join(sorted(paths)))
 EOF
 )
 mounts+=(-v "$work/pip.conf:/etc/pip.conf:ro")
@@ -164,6 +167,7 @@ if [ -f "$ca" ] && [[ " ${mounts[*]} " != *" $ca:$ca:ro "* ]]; then
 fi
 
 echo "build-image: buildah bud $tag (Dockerfile, PYTHON_IMAGE=$base)"
+echo "build-image: mounted into the build: ${mounts[*]}"
 buildah bud --isolation chroot --layers --format docker --pull-never \
   --build-arg "PYTHON_IMAGE=$base" "${mounts[@]}" -t "$tag" -f Dockerfile .
 
