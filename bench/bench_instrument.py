@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterator
 
 import sqlalchemy as sa
 
-from exporter.instrument import instrument
+from pgpressure_sqlalchemy import instrument
 
 GOAL = 1.03
 

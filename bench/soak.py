@@ -32,8 +32,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from exporter.instrument.schema import NBUCKETS, SCHEMA_VERSION
 from exporter.pgcluster import Cluster
+from pgpressure_sqlalchemy.wire import NBUCKETS, SCHEMA_VERSION
 
 PUSH_INTERVAL = 5.0
 TOKEN = "soak-token"

@@ -23,8 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from exporter import logs
 from exporter import metrics as m
 from exporter.config import load
-from exporter.instrument.schema import BOUNDS, CLOSE_REASONS
 from exporter.metrics import HistogramValue, Sample
+from pgpressure_sqlalchemy.wire import BOUNDS, CLOSE_REASONS
 
 POOL_HISTOGRAMS = (m.POOL_WAIT_SECONDS, m.POOL_USE_SECONDS, m.POOL_CREATE_SECONDS)
 SERIES_PER_POOL = 2 + 5 + len(CLOSE_REASONS) + 4 * (len(BOUNDS) + 1 + 2)  # 95

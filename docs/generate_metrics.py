@@ -26,7 +26,7 @@ SECTIONS = (
     (
         "sqlalchemy_",
         "Application pools",
-        "Pushed by the in-app instrumentation (`exporter.instrument`) and aggregated by the "
+        "Pushed by the in-app instrumentation (`pgpressure_sqlalchemy`) and aggregated by the "
         "daemon per `app` and `pool` over every live process: counters and histograms are "
         "sums of cumulative per-process values, and a process that goes away is folded into "
         "the aggregate, so a worker restart is not a counter reset. Gauges are sums over the "

@@ -8,7 +8,7 @@ Everything runs in this one process and under one temporary directory, which Ctr
   role that has only `pg_monitor`, as in production. Without system binaries the optional
   `pgserver` package (a pip-installable PostgreSQL) is tried; it has no pg_stat_statements
   preloaded, so the statement metrics stay empty there.
-- A SQLAlchemy workload, instrumented with `exporter.instrument` when that is available,
+- A SQLAlchemy workload, instrumented with `pgpressure_sqlalchemy` when that is available,
   cycling through phases: CPU load, lock waits (a row held `FOR UPDATE`), temp spills and
   pool pressure (more threads than the pool has connections, a short `pool_timeout`). Each
   phase is light (at most a couple of busy sessions) so a 2-core laptop stays usable.
@@ -59,8 +59,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _public_host(host: str) -> str:
-    return "localhost" if host in ("", "0.0.0.0", "::") else host
+def _public_host(host: str | None) -> str:
+    return "localhost" if host in (None, "", "0.0.0.0", "::") else host
 
 
 # --- PostgreSQL ------------------------------------------------------------------------------
@@ -174,7 +174,7 @@ class Workload:
         )
         self.instrumented = False
         if endpoint is not None:
-            from exporter.instrument import instrument
+            from pgpressure_sqlalchemy import instrument
 
             instrument(self.engine, app="shop", endpoint=endpoint, interval=1)
             self.instrumented = True
@@ -462,7 +462,8 @@ def run_demo(listen_address: str, duration: float | None) -> int:
     missing = [m for m in ("sqlalchemy", "psycopg") if not _available(m)]
     if missing:
         print(
-            f"pgpressure demo: needs {', '.join(missing)}: pip install 'pgpressure[demo]'",
+            f"pgpressure demo: needs {', '.join(missing)}: "
+            "pip install '.[demo]' (scripts/setup.sh does)",
             file=sys.stderr,
         )
         return 1
@@ -480,7 +481,9 @@ def run_demo(listen_address: str, duration: float | None) -> int:
         db.start()
         _setup_database(db)
 
-        ingest = _available("exporter.instrument") and _available("exporter.sources.apps")
+        # The in-app client is its own distribution: without it the workload runs
+        # uninstrumented and the banner says how to add it.
+        ingest = _available("pgpressure_sqlalchemy")
         if _available("moto"):
             _say("starting the AWS emulator (moto) with RDS Proxy 'demo-proxy' ...")
             aws = AwsEmulator(stop)
@@ -500,7 +503,8 @@ def run_demo(listen_address: str, duration: float | None) -> int:
             ),
             "<demo config>",
         )
-        daemon = Daemon(config, f"{host}:{port}")
+        # The address exactly as given: host None (":9188") means every interface.
+        daemon = Daemon(config, listen_address)
         shown = _public_host(host)
         base = f"http://{shown}:{port}"
         endpoint = f"http://{'127.0.0.1' if shown == 'localhost' else shown}:{port}"
@@ -565,7 +569,8 @@ def _banner(
         lines.append(f"  AWS emulator   {aws.url}   (RDS Proxy '{PROXY}')")
     if not workload.instrumented:
         lines.append(
-            "  (no pool metrics: exporter.instrument or the ingest aggregator is not installed)"
+            "  (no pool metrics: the in-app client is not installed: "
+            "pip install ./pgpressure-sqlalchemy)"
         )
     lines += [
         "",

@@ -56,7 +56,7 @@ _STMT = "read from pg_stat_statements by the database source"
 _CW = "read from CloudWatch (AWS/RDS) by the rds_proxy source, shifted by aws.rds_proxy.delay"
 _PUSH = "aggregated from reports pushed by instrumented processes"
 
-# --- application pools (pushed by exporter.instrument) -------------------------------------
+# --- application pools (pushed by pgpressure_sqlalchemy) -------------------------------------
 POOL_CONNECTIONS = _spec(
     "sqlalchemy_pool_connections",
     "gauge",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -79,23 +80,38 @@ class DaemonProcess:
 
 @contextlib.contextmanager
 def logged_process(
-    cmd: list[str], log_path: Path, env: dict[str, str] | None = None, stop_timeout: float = 5
+    cmd: list[str],
+    log_path: Path,
+    env: dict[str, str] | None = None,
+    stop_timeout: float = 5,
+    cwd: Path | None = None,
 ) -> Iterator[subprocess.Popen]:
-    """Run `cmd` with stdout and stderr to `log_path` and `env` added to the environment;
-    afterwards SIGTERM, and SIGKILL if it has not exited within `stop_timeout` seconds."""
+    """Run `cmd` with stdout and stderr to `log_path` and `env` added to the environment, in
+    a session of its own; afterwards SIGTERM to that whole session (a shell's children too),
+    and SIGKILL if it has not exited within `stop_timeout` seconds."""
     with open(log_path, "w") as log_file:
         process = subprocess.Popen(
-            cmd, stdout=log_file, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}
+            cmd,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **(env or {})},
+            cwd=cwd,
+            start_new_session=True,
         )
     try:
         yield process
     finally:
-        process.terminate()
+        _signal_session(process, signal.SIGTERM)
         try:
             process.wait(stop_timeout)
         except subprocess.TimeoutExpired:
-            process.kill()
+            _signal_session(process, signal.SIGKILL)
             process.wait()
+
+
+def _signal_session(process: subprocess.Popen, signum: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(process.pid, signum)
 
 
 def one_target_config(dsn: str, *, statements: str | None = None, extra: str = "") -> str:

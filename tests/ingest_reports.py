@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from exporter.instrument.schema import NBUCKETS, SCHEMA_VERSION
+from pgpressure_sqlalchemy.wire import NBUCKETS, SCHEMA_VERSION
 
 
 class Clock:

@@ -59,7 +59,7 @@ from tests.promql_tools import (
 
 # The only guard: the in-app instrumentation is built concurrently with this test.
 instrument_module = pytest.importorskip(
-    "exporter.instrument", reason="exporter.instrument (in-app instrumentation) not available"
+    "pgpressure_sqlalchemy", reason="pgpressure_sqlalchemy (in-app instrumentation) not available"
 )
 sqlalchemy = pytest.importorskip("sqlalchemy")
 

@@ -25,8 +25,8 @@ from hypothesis import strategies as st
 
 from exporter import metrics as m
 from exporter.config import IngestConfig
-from exporter.instrument.schema import NBUCKETS
 from exporter.sources.apps import AppsAggregator
+from pgpressure_sqlalchemy.wire import NBUCKETS
 from tests.helpers import run_daemon, slowest_scrape_while
 from tests.ingest_reports import Clock, pool_doc, report_doc
 

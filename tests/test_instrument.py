@@ -19,10 +19,10 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.pool import NullPool, QueuePool, SingletonThreadPool, StaticPool
 
-from exporter.instrument import flush, instrument
-from exporter.instrument import pool as instrument_pool
-from exporter.instrument import stats as instrument_stats
-from exporter.instrument.reporter import REPORTER
+from pgpressure_sqlalchemy import flush, instrument
+from pgpressure_sqlalchemy import pool as instrument_pool
+from pgpressure_sqlalchemy import stats as instrument_stats
+from pgpressure_sqlalchemy.reporter import REPORTER
 
 
 class Receiver:

@@ -20,8 +20,8 @@ import sqlalchemy as sa
 from helpers import free_port, run_daemon
 from ingest_reports import report_doc
 
-from exporter.instrument import flush, instrument
-from exporter.instrument.schema import NBUCKETS
+from pgpressure_sqlalchemy import flush, instrument
+from pgpressure_sqlalchemy.wire import NBUCKETS
 
 CONFIG = "ingest:\n  enabled: true\n  stale_after: {stale}\n{extra}"
 DOWN_SECONDS = float(os.environ.get("PGPRESSURE_TEST_DOWN_SECONDS", "8"))
@@ -153,7 +153,7 @@ def test_async_pool_exhaustion_with_asyncpg(pg):
 WORKER = textwrap.dedent("""
     import sys, time
     import sqlalchemy as sa
-    from exporter.instrument import flush, instrument
+    from pgpressure_sqlalchemy import flush, instrument
     dsn, endpoint, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
     engine = sa.create_engine(dsn, pool_size=2)
     instrument(engine, app="workers", endpoint=endpoint, interval=0.2)
@@ -376,7 +376,7 @@ def test_paused_worker_is_not_counted_twice(pg, tmp_path):
 PRELOAD = textwrap.dedent("""
     import os, sys, threading, time
     import sqlalchemy as sa
-    from exporter.instrument import instrument
+    from pgpressure_sqlalchemy import instrument
     dsn, endpoint = sys.argv[1], sys.argv[2]
     # the master of gunicorn --preload: instruments the engine, forks, serves nothing
     engine = sa.create_engine(dsn, pool_size=2, max_overflow=1, pool_timeout=60)

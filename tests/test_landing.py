@@ -12,7 +12,7 @@ import pytest
 from sqlalchemy import create_engine, text
 
 from exporter import __version__
-from exporter.instrument import flush, instrument
+from pgpressure_sqlalchemy import flush, instrument
 from tests.conftest import MONITOR_PASSWORD
 from tests.helpers import run_daemon
 

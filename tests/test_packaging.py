@@ -330,7 +330,7 @@ def test_every_metric_a_running_daemon_exposes_is_documented(pg, fresh_db):
     """A real scrape: PostgreSQL sources, app reports when the ingest side exists, and RDS
     Proxy through the AWS emulator when moto is installed."""
     documented = _documented()
-    ingest = _have("exporter.sources.apps") and _have("exporter.instrument")
+    ingest = _have("exporter.sources.apps") and _have("pgpressure_sqlalchemy")
     aws = None
     stop = threading.Event()
     extra = ""
@@ -360,7 +360,7 @@ ingest: {{enabled: {str(ingest).lower()}}}
             if ingest:
                 from sqlalchemy import create_engine, text
 
-                from exporter.instrument import flush, instrument
+                from pgpressure_sqlalchemy import flush, instrument
 
                 engine = create_engine(pg.dsn(dbname=fresh_db).replace("://", "+psycopg://", 1))
                 instrument(engine, app="docs", endpoint=daemon.url, interval=0.2)

@@ -29,7 +29,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from exporter import metrics as m
 from exporter.config import IngestConfig
-from exporter.instrument.schema import (
+from exporter.metrics import HistogramValue, Sample
+from exporter.sources.base import Source
+from exporter.wire import (
     BOUNDS,
     CLOSE_REASONS,
     HISTOGRAMS,
@@ -38,8 +40,6 @@ from exporter.instrument.schema import (
     NBUCKETS,
     SCHEMA_VERSION,
 )
-from exporter.metrics import HistogramValue, Sample
-from exporter.sources.base import Source
 
 RESULTS = (
     "accepted",

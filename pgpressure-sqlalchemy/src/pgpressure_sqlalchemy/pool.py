@@ -24,7 +24,7 @@ from sqlalchemy import event
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.pool import Pool, QueuePool
 
-from exporter.instrument.stats import PoolStats
+from pgpressure_sqlalchemy.stats import PoolStats
 
 _T_OUT = "_pgpressure_out"  # record.info: perf_counter_ns() at checkout
 _INVALIDATED = "_pgpressure_invalidated"

@@ -19,7 +19,7 @@ from collections import deque
 from time import perf_counter_ns
 from typing import Any
 
-from exporter.instrument.schema import BOUNDS, CLOSE_REASONS, HISTOGRAMS, NBUCKETS
+from pgpressure_sqlalchemy.wire import BOUNDS, CLOSE_REASONS, HISTOGRAMS, NBUCKETS
 
 NS = 1_000_000_000
 BOUNDS_NS: tuple[int, ...] = tuple(round(b * NS) for b in BOUNDS)

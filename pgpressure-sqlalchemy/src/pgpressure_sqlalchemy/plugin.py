@@ -4,7 +4,9 @@
 
 The `pgpressure_*` parameters are taken out of the URL (and out of create_engine() keyword
 arguments) so they never reach the driver. A bad parameter is logged, never raised: an app
-must not fail to start because its monitoring is misconfigured.
+must not fail to start because its monitoring is misconfigured, nor because the
+instrumentation itself is broken: this module imports only SQLAlchemy at load time and the
+rest of the package when the engine exists, inside the same guard.
 """
 
 from __future__ import annotations
@@ -14,8 +16,6 @@ from typing import Any
 
 from sqlalchemy.engine import CreateEnginePlugin
 from sqlalchemy.engine.url import URL
-
-from exporter.instrument.core import instrument
 
 log = logging.getLogger("pgpressure.instrument")
 
@@ -39,6 +39,8 @@ class PgPressurePlugin(CreateEnginePlugin):
     def engine_created(self, engine: Any) -> None:
         opts = self.options
         try:
+            from pgpressure_sqlalchemy.core import instrument
+
             app_name = str(opts.get("application_name", "")).lower()
             instrument(
                 engine,

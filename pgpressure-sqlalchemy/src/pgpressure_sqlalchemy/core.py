@@ -22,10 +22,10 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
-from exporter.instrument.pool import set_application_name, stats_of, time_statements, wrap_pool
-from exporter.instrument.reporter import PUSH_TIMEOUT, REPORTER, Registration
-from exporter.instrument.schema import MAX_NAME_LENGTH
-from exporter.instrument.stats import PoolStats
+from pgpressure_sqlalchemy.pool import set_application_name, stats_of, time_statements, wrap_pool
+from pgpressure_sqlalchemy.reporter import PUSH_TIMEOUT, REPORTER, Registration
+from pgpressure_sqlalchemy.stats import PoolStats
+from pgpressure_sqlalchemy.wire import MAX_NAME_LENGTH
 
 log = logging.getLogger("pgpressure.instrument")
 

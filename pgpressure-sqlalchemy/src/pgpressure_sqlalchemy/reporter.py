@@ -27,8 +27,8 @@ from http.client import HTTPConnection, HTTPSConnection
 from typing import Any
 from urllib.parse import urlsplit
 
-from exporter.instrument.schema import MAX_POOLS_PER_REPORT, REPORTS_PATH, SCHEMA_VERSION
-from exporter.instrument.stats import PoolStats, merge_snapshots
+from pgpressure_sqlalchemy.stats import PoolStats, merge_snapshots
+from pgpressure_sqlalchemy.wire import MAX_POOLS_PER_REPORT, REPORTS_PATH, SCHEMA_VERSION
 
 log = logging.getLogger("pgpressure.instrument")
 
