@@ -25,7 +25,7 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PYTHONDONTWRITEBYTECODE=1
 WORKDIR /src
 RUN python -m venv /opt/pgpressure
-# The daemon's pinned runtime set (scripts/lock.sh), then the package. exporter/wire.py is a
+# The daemon's pinned runtime set (scripts/lock.sh), then the package. exporter/ingest/wire.py is a
 # symlink into the in-app distribution's source: its target comes along at the same relative
 # path so that building the wheel follows it. The in-app distribution itself (and SQLAlchemy)
 # is not installed: the daemon does not need it.

@@ -32,8 +32,8 @@ sys.path.insert(0, str(ROOT))
 
 import asyncpg  # noqa: E402
 
-from exporter.pgcluster import Cluster  # noqa: E402
-from tests.helpers import one_target_config, run_daemon  # noqa: E402
+from exporter.devtools.cluster import Cluster  # noqa: E402
+from exporter.devtools.daemon_process import one_target_config, run_daemon  # noqa: E402
 
 GOAL_CORE_SHARE = 0.002  # 0.2% of one core
 BARE = "SELECT * FROM pg_stat_activity"

@@ -32,7 +32,7 @@ def database(dsn: str | None) -> Iterator[str]:
     if dsn:
         yield dsn
         return
-    from exporter.pgcluster import Cluster
+    from exporter.devtools.cluster import Cluster
 
     with Cluster() as cluster:
         yield cluster.dsn()

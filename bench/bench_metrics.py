@@ -39,8 +39,8 @@ BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH.parent))
 sys.path.insert(0, str(BENCH))
 
-from exporter.pgcluster import Cluster, free_port  # noqa: E402
-from tests.helpers import logged_process, one_target_config  # noqa: E402
+from exporter.devtools.cluster import Cluster, free_port  # noqa: E402
+from exporter.devtools.daemon_process import logged_process, one_target_config  # noqa: E402
 
 GOAL_P99_MS = 20.0
 POSTGRES_EXPORTER = "/usr/bin/prometheus-postgres-exporter"
@@ -140,8 +140,8 @@ def interleaved(
 def uncached_render(series: int, rounds: int = 50) -> tuple[dict[str, float], int, int]:
     from synthetic_daemon import publish_synthetic
 
-    from exporter.render import Renderer
-    from exporter.store import Store
+    from exporter.core.render import Renderer
+    from exporter.core.store import Store
 
     store = Store()
     publish_synthetic(store, series)

@@ -32,7 +32,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from exporter.pgcluster import Cluster
+from exporter.devtools.cluster import Cluster
 from pgpressure_sqlalchemy.wire import NBUCKETS, SCHEMA_VERSION
 
 PUSH_INTERVAL = 5.0

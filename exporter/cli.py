@@ -16,8 +16,8 @@ import sys
 
 from exporter import __version__, logs
 from exporter.config import ConfigError, load
-from exporter.connlimit import DEFAULT_MAX_CONNECTIONS
-from exporter.secrets import redact
+from exporter.http.connlimit import DEFAULT_MAX_CONNECTIONS
+from exporter.redaction import redact
 
 COMMANDS = ("run", "check-config", "demo")
 
@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     logs.setup(args.log_level, args.log_format)
 
     if args.command == "demo":
-        from exporter.demo import run_demo
+        from exporter.devtools.demo import run_demo
 
         return run_demo(args.listen_address, args.duration)
 
@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
 
     ssl_context, middlewares = None, []
     if args.web_config_file:
-        from exporter.webconfig import WebConfigError, has_basic_auth, load_web_config
+        from exporter.http.webconfig import WebConfigError, has_basic_auth, load_web_config
 
         try:
             ssl_context, middlewares = load_web_config(args.web_config_file)

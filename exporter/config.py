@@ -3,7 +3,7 @@
 A bad file must produce one message a person can act on: the key path, the line in the
 file, and what was wrong, without echoing secrets. `${VAR}` is interpolated in every value (not
 in comments); passwords can come from `password_file`. Every secret we learn about is
-registered with `exporter.secrets` so logs and errors can never show it.
+registered with `exporter.redaction` so logs and errors can never show it.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from pydantic import (
     model_validator,
 )
 
-from exporter import secrets
+from exporter import redaction
 
 
 class ConfigError(Exception):
@@ -95,7 +95,7 @@ class DatabaseConfig(_Strict):
         if parts.scheme not in ("postgresql", "postgres"):
             raise ValueError("dsn must be a postgresql:// URL")
         if parts.password:
-            secrets.register(unquote(parts.password))
+            redaction.register(unquote(parts.password))
         return dsn
 
     def password(self) -> str | None:
@@ -103,7 +103,7 @@ class DatabaseConfig(_Strict):
         if self.password_file is None:
             return None
         value = self.password_file.read_text().strip()
-        secrets.register(value)
+        redaction.register(value)
         return value
 
 
@@ -122,7 +122,7 @@ class IngestConfig(_Strict):
     @classmethod
     def _register_token(cls, token: str | None) -> str | None:
         if token:
-            secrets.register(token)
+            redaction.register(token)
         return token or None
 
     @model_validator(mode="after")
@@ -138,7 +138,7 @@ class IngestConfig(_Strict):
             value = self.token_file.read_text().strip()
             if not value:
                 raise OSError(errno.ENODATA, "the file is empty")
-            secrets.register(value)
+            redaction.register(value)
             return value
         return self.token
 
@@ -166,7 +166,7 @@ class AwsConfig(_Strict):
     @classmethod
     def _register_keys(cls, value: str | None) -> str | None:
         if value:
-            secrets.register(value)
+            redaction.register(value)
         return value
 
 

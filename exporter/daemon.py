@@ -22,19 +22,19 @@ from datetime import datetime, timedelta
 from aiohttp import web
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
-from exporter.cardinality import LabelCap
 from exporter.config import Config
-from exporter.connlimit import DEFAULT_MAX_CONNECTIONS, CappedSite
+from exporter.core.cardinality import LabelCap
+from exporter.core.render import Renderer
+from exporter.core.runner import SourceRunner
+from exporter.core.source import Source
+from exporter.core.store import Store
+from exporter.http.connlimit import DEFAULT_MAX_CONNECTIONS, CappedSite
+from exporter.http.routes import build_app
 from exporter.logs import kv
 from exporter.metrics import HTTP_CONNECTIONS_REFUSED, Sample
-from exporter.pg import TargetConnection
-from exporter.render import Renderer
-from exporter.runner import SourceRunner
-from exporter.sources.activity import ActivitySource
-from exporter.sources.base import Source
-from exporter.sources.database import DatabaseSource
-from exporter.store import Store
-from exporter.web import build_app
+from exporter.postgres.activity import ActivitySource
+from exporter.postgres.connection import TargetConnection
+from exporter.postgres.database import DatabaseSource
 
 log = logging.getLogger("pgpressure.daemon")
 
@@ -81,12 +81,12 @@ class Daemon:
             self.sources.append(db_source)
         self.apps = None
         if config.ingest.enabled:
-            from exporter.sources.apps import AppsAggregator
+            from exporter.ingest.aggregator import AppsAggregator
 
             self.apps = AppsAggregator(config.ingest)
             self.sources.append(self.apps)
         if config.aws.rds_proxy.enabled:
-            from exporter.sources.rds_proxy import RdsProxySource
+            from exporter.aws.rds_proxy import RdsProxySource
 
             self.sources.append(RdsProxySource(config.aws))
         self.runners = [SourceRunner(s, self.store) for s in self.sources]

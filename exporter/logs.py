@@ -13,7 +13,7 @@ import sys
 import threading
 import time
 
-from exporter.secrets import RedactingFilter
+from exporter.redaction import RedactingFilter
 
 LEVELS = {
     "debug": logging.DEBUG,

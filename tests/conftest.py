@@ -7,7 +7,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from exporter.pgcluster import Cluster
+from exporter.devtools.cluster import Cluster
 
 MONITOR_PASSWORD = "Mon-canary-5e1f9a"  # a canary: tests assert it never leaks
 

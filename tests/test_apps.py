@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from exporter.config import IngestConfig
-from exporter.sources.apps import AppsAggregator
+from exporter.ingest.aggregator import AppsAggregator
 from tests.ingest_reports import Clock, pool_doc, report_doc
 
 

@@ -24,8 +24,8 @@ from pathlib import Path
 import pytest
 import requests
 
-from exporter.pgcluster import Cluster
-from tests.helpers import DaemonProcess, logged_process, run_daemon
+from exporter.devtools.cluster import Cluster
+from exporter.devtools.daemon_process import DaemonProcess, logged_process, run_daemon
 from tests.ingest_reports import report_doc
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -118,7 +118,7 @@ def test_both_distributions_build_with_their_own_metadata(dists: Path):
     assert b"pgpressure = pgpressure_sqlalchemy.plugin:PgPressurePlugin" in entry_points
     with zipfile.ZipFile(_one(dists, "pgpressure-*.whl")) as whl:
         daemon_files = whl.namelist()
-        wire = whl.read("exporter/wire.py")
+        wire = whl.read("exporter/ingest/wire.py")
     # One push format: the daemon's copy is the client's file (a symlink in the tree).
     assert wire == (CLIENT / "src" / "pgpressure_sqlalchemy" / "wire.py").read_bytes()
     assert not any(n.startswith("pgpressure_sqlalchemy/") for n in daemon_files)
@@ -155,7 +155,7 @@ def test_the_daemon_wheel_needs_no_sqlalchemy(daemon_venv: Venv):
     installed = daemon_venv.freeze()
     assert "sqlalchemy" not in installed and "pgpressure-sqlalchemy" not in installed
     assert not daemon_venv.imports("sqlalchemy")
-    assert daemon_venv.imports("exporter.sources.apps")
+    assert daemon_venv.imports("exporter.ingest.aggregator")
 
 
 @pytest.fixture

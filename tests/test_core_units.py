@@ -11,14 +11,14 @@ from prometheus_client.openmetrics.parser import (
 from prometheus_client.parser import text_string_to_metric_families
 
 from exporter import metrics as m
-from exporter.cardinality import OTHER, CappedCounters
+from exporter.core.cardinality import OTHER, CappedCounters
+from exporter.core.render import Renderer
+from exporter.core.store import Store
+from exporter.http.routes import _where
 from exporter.logs import JsonFormatter, LogfmtFormatter, kv
 from exporter.metrics import HistogramValue, Sample
-from exporter.render import Renderer
-from exporter.secrets import RedactingFilter, redact, register
-from exporter.sources.database import CumulativeDeltas
-from exporter.store import Store
-from exporter.web import _where
+from exporter.postgres.database import CumulativeDeltas
+from exporter.redaction import RedactingFilter, redact, register
 
 
 def test_capped_counters_keep_top_k_and_fold_the_rest_into_other():

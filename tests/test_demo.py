@@ -15,7 +15,7 @@ from pathlib import Path
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.helpers import free_port
+from exporter.devtools.daemon_process import free_port
 
 
 def _have(module: str) -> bool:
@@ -119,7 +119,7 @@ def test_demo_produces_every_kind_of_pressure_and_cleans_up():
     assert total(last, load, wait_event_type="Lock", target="demo") > 0, out
     assert total(last, "pg_temp_bytes_total", datname="shop") > 0, out
     assert total(last, "pg_work_mem_bytes") == 64 * 1024
-    if _have("exporter.sources.apps") and _have("pgpressure_sqlalchemy"):
+    if _have("exporter.ingest.aggregator") and _have("pgpressure_sqlalchemy"):
         assert total(last, "sqlalchemy_pool_checkouts_total", app="shop") > 0, out
         assert total(last, "sqlalchemy_pool_wait_seconds_count", app="shop") > 0, out
     else:

@@ -43,10 +43,10 @@ import pytest
 import requests
 import yaml
 
-from exporter.pgcluster import Cluster
-from tests import aws_emulator as emulator
+from exporter.devtools import aws_emulator as emulator
+from exporter.devtools.cluster import Cluster
+from exporter.devtools.daemon_process import free_port, logged_process, run_daemon
 from tests.conftest import MONITOR_PASSWORD
-from tests.helpers import free_port, logged_process, run_daemon
 from tests.promql_tools import (
     ROOT,
     PanelQuery,

@@ -32,15 +32,15 @@ from pathlib import Path
 import pytest
 import requests
 
-from exporter.pgcluster import Cluster
-from tests.aws_emulator import (
+from exporter.devtools.aws_emulator import (
     FaultProxy,
     clients,
     moto_server,
     put_datapoints,
     rds_proxy_only_config,
 )
-from tests.helpers import DaemonProcess, free_port, run_daemon
+from exporter.devtools.cluster import Cluster
+from exporter.devtools.daemon_process import DaemonProcess, free_port, run_daemon
 
 # Per-probe bounds. The figure is 100 ms; a single probe on a 2-core CI runner that is
 # busy restarting PostgreSQL can be descheduled for longer than that, so the hard per-request

@@ -25,9 +25,9 @@ from hypothesis import strategies as st
 
 from exporter import metrics as m
 from exporter.config import IngestConfig
-from exporter.sources.apps import AppsAggregator
+from exporter.devtools.daemon_process import run_daemon, slowest_scrape_while
+from exporter.ingest.aggregator import AppsAggregator
 from pgpressure_sqlalchemy.wire import NBUCKETS
-from tests.helpers import run_daemon, slowest_scrape_while
 from tests.ingest_reports import Clock, pool_doc, report_doc
 
 OK_STATUSES = {200, 400, 401, 404, 408, 413, 415, 429, 503}
@@ -209,8 +209,8 @@ async def test_unicode_labels_are_accepted_or_refused_never_mangled(app, pool_na
     if status == 200:
         labels = {s.labels[:2] for s in aggregates(agg) if s.spec is m.POOL_CHECKOUTS}
         assert labels == {(app, pool_name)}
-        from exporter.render import Renderer
-        from exporter.store import Store
+        from exporter.core.render import Renderer
+        from exporter.core.store import Store
 
         store = Store()
         store.publish(("apps", ""), agg.samples())

@@ -35,7 +35,7 @@ import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
-from exporter.pgcluster import Cluster
+from exporter.devtools.cluster import Cluster
 from tests.conftest import MONITOR_PASSWORD
 from tests.ingest_reports import report_doc
 
@@ -434,7 +434,7 @@ for so in sorted(site.rglob("*.so")):
 import boto3
 print(json.dumps({
     "imports": {m: imports(m) for m in (
-        "exporter.cli", "exporter.wire", "exporter.sources.apps", "boto3", "pglast",
+        "exporter.cli", "exporter.ingest.wire", "exporter.ingest.aggregator", "boto3", "pglast",
         "sqlalchemy", "pgpressure_sqlalchemy", "pip", "setuptools")},
     "extensions": extensions,
     "services": sorted(boto3.session.Session().get_available_services()),
@@ -451,12 +451,20 @@ def test_the_image_holds_the_daemon_and_not_what_it_never_runs(image: Image):
         probe = _run(buildah_run(image, container, "python", "-c", PROBE), timeout=120)
     found = json.loads(probe.stdout.strip().splitlines()[-1])
     imports = found["imports"]
-    for module in ("exporter.cli", "exporter.wire", "exporter.sources.apps", "boto3", "pglast"):
+    for module in (
+        "exporter.cli",
+        "exporter.ingest.wire",
+        "exporter.ingest.aggregator",
+        "boto3",
+        "pglast",
+    ):
         assert imports[module], f"{module} does not import in the image"
     # SQLAlchemy and the in-app distribution are the apps' side; pip and setuptools are cut.
     for module in ("sqlalchemy", "pgpressure_sqlalchemy", "pip", "setuptools"):
         assert not imports[module], f"{module} is in the image"
-    assert found["exporter_wire_is_a_file"], "exporter/wire.py should be the linked file itself"
+    assert found["exporter_wire_is_a_file"], (
+        "exporter/ingest/wire.py should be the linked file itself"
+    )
     # Every extension module still loads after `strip --strip-debug`.
     assert len(found["extensions"]) >= 10, found["extensions"]
     broken = {name: err for name, err in found["extensions"].items() if err != "ok"}
@@ -497,7 +505,7 @@ def test_a_mounted_config_reaches_postgres_and_every_aws_api_it_uses(
     monitor role, ingest behind a token, and RDS Proxy through the AWS emulator with an
     assumed role, which calls every botocore service model the image keeps for the daemon
     (sts, rds, cloudwatch, logs): the pruned models are enough."""
-    from tests import aws_emulator as emulator
+    from exporter.devtools import aws_emulator as emulator
 
     delay, proxy = 60, "orders-proxy"
     with emulator.moto_server() as moto:

@@ -17,9 +17,9 @@ import uuid
 import pytest
 import requests
 import sqlalchemy as sa
-from helpers import free_port, run_daemon
 from ingest_reports import report_doc
 
+from exporter.devtools.daemon_process import free_port, run_daemon
 from pgpressure_sqlalchemy import flush, instrument
 from pgpressure_sqlalchemy.wire import NBUCKETS
 

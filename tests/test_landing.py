@@ -12,9 +12,9 @@ import pytest
 from sqlalchemy import create_engine, text
 
 from exporter import __version__
+from exporter.devtools.daemon_process import run_daemon
 from pgpressure_sqlalchemy import flush, instrument
 from tests.conftest import MONITOR_PASSWORD
-from tests.helpers import run_daemon
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 INGEST_TOKEN = "Ingest-canary-77c0d1"

@@ -13,8 +13,8 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from tests.aws_emulator import rds_proxy_only_config
-from tests.helpers import run_daemon
+from exporter.devtools.aws_emulator import rds_proxy_only_config
+from exporter.devtools.daemon_process import run_daemon
 
 
 def config(dsn: str) -> str:

@@ -22,9 +22,9 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from exporter.config import parse
+from exporter.devtools.daemon_process import run_daemon
 from exporter.metrics import CATALOGUE
 from tests.conftest import MONITOR_PASSWORD
-from tests.helpers import run_daemon
 
 ROOT = Path(__file__).resolve().parents[1]
 K8S = ROOT / "deploy" / "kubernetes"
@@ -79,7 +79,7 @@ def test_dockerignore_keeps_the_build_context_small():
         "exporter",
         "config.yaml",
         "requirements/daemon.txt",
-        # exporter/wire.py is a symlink to this file: the wheel build follows it
+        # exporter/ingest/wire.py is a symlink to this file: the wheel build follows it
         "pgpressure-sqlalchemy/src/pgpressure_sqlalchemy/wire.py",
     ):
         assert needed in allowed, needed
@@ -92,7 +92,7 @@ def test_dockerignore_keeps_the_build_context_small():
         assert any(src == a or src.startswith(a + "/") for a in allowed), (
             f"COPY {src}: left out of the build context by .dockerignore"
         )
-    # A symlink in what is copied (exporter/wire.py) comes with its target, at the same
+    # A symlink in what is copied (exporter/ingest/wire.py) comes with its target, at the same
     # path relative to it, or `pip install .` in the build stage finds a dangling link.
     for src in sources:
         for path in [ROOT / src, *(ROOT / src).rglob("*")]:
@@ -330,12 +330,12 @@ def test_every_metric_a_running_daemon_exposes_is_documented(pg, fresh_db):
     """A real scrape: PostgreSQL sources, app reports when the ingest side exists, and RDS
     Proxy through the AWS emulator when moto is installed."""
     documented = _documented()
-    ingest = _have("exporter.sources.apps") and _have("pgpressure_sqlalchemy")
+    ingest = _have("exporter.ingest.aggregator") and _have("pgpressure_sqlalchemy")
     aws = None
     stop = threading.Event()
     extra = ""
     if _have("moto"):
-        from exporter.demo import FAKE_KEY_ID, FAKE_SECRET, AwsEmulator
+        from exporter.devtools.demo import FAKE_KEY_ID, FAKE_SECRET, AwsEmulator
 
         aws = AwsEmulator(stop)
         aws.start()

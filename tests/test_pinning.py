@@ -7,8 +7,8 @@ import asyncpg
 import pytest
 
 from exporter import metrics as m
-from exporter.pinning import MAX_STATEMENT_BYTES, REASONS, classify, log_reason, primary
-from exporter.sources.pinning_risk import PinningRisk
+from exporter.pinning.risk import PinningRisk
+from exporter.pinning.statements import MAX_STATEMENT_BYTES, REASONS, classify, log_reason, primary
 
 # --- the classifier ----------------------------------------------------------------------
 
@@ -209,7 +209,7 @@ async def test_statements_classified_late_add_only_their_growth(pg, fresh_db, mo
     """Texts are fetched for a bounded number of new statements per sample. One classified a
     few samples late must add the calls it grew by since it was first seen, not its whole
     lifetime in one step, which would be a fake spike in a series that already exists."""
-    monkeypatch.setattr("exporter.sources.pinning_risk.MAX_NEW_PER_SAMPLE", 1)
+    monkeypatch.setattr("exporter.pinning.risk.MAX_NEW_PER_SAMPLE", 1)
     pg.psql("CREATE SEQUENCE pin_seq", dbname=fresh_db)
     monitor = await asyncpg.connect(pg.dsn(dbname=fresh_db))
     app = await asyncpg.connect(pg.dsn(dbname=fresh_db))

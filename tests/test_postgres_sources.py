@@ -10,9 +10,9 @@ import time
 import psycopg
 import pytest
 
-from exporter.pgcluster import Cluster
+from exporter.devtools.cluster import Cluster
+from exporter.devtools.daemon_process import one_target_config, run_daemon
 from tests.conftest import MONITOR_PASSWORD
-from tests.helpers import one_target_config, run_daemon
 
 
 def daemon_config(

@@ -1,5 +1,6 @@
 """The RDS Proxy source against a real AWS API emulator (moto in server mode), through a small
-HTTP proxy that counts requests per API operation and injects faults (tests/aws_emulator.py)."""
+HTTP proxy that counts requests per API operation and injects faults
+(exporter/devtools/aws_emulator.py)."""
 
 from __future__ import annotations
 
@@ -15,14 +16,13 @@ from datetime import UTC, datetime
 import pytest
 
 from exporter import metrics as m
-from exporter.aws import AwsApiError, Clients, TooManyPages
+from exporter.aws.clients import AwsApiError, Clients, TooManyPages
+from exporter.aws.rds_proxy import RdsProxySource, _plausible
 from exporter.config import AwsConfig
-from exporter.pinning import REASONS
-from exporter.render import Renderer
-from exporter.runner import SourceRunner
-from exporter.sources.rds_proxy import RdsProxySource, _plausible
-from exporter.store import Store
-from tests.aws_emulator import (
+from exporter.core.render import Renderer
+from exporter.core.runner import SourceRunner
+from exporter.core.store import Store
+from exporter.devtools.aws_emulator import (
     PIN_LINE,
     REGION,
     SETTINGS_REASON,
@@ -35,6 +35,7 @@ from tests.aws_emulator import (
     put_log_lines,
     reset_moto,
 )
+from exporter.pinning.statements import REASONS
 
 SECRET = "pgpressure-test-secret-0123456789"
 KEY_ID = "AKIAPGPRESSURETEST01"

@@ -6,10 +6,10 @@ import asyncio
 from collections.abc import Iterable
 
 from exporter import metrics as m
+from exporter.core.runner import SourceRunner
+from exporter.core.source import Source
+from exporter.core.store import Store
 from exporter.metrics import Sample
-from exporter.runner import SourceRunner
-from exporter.sources.base import Source
-from exporter.store import Store
 
 
 class Scripted(Source):

@@ -21,9 +21,9 @@ from urllib.parse import quote
 import pytest
 import requests
 
-from tests.aws_emulator import Answer, LocalHttpServer
+from exporter.devtools.aws_emulator import Answer, LocalHttpServer
+from exporter.devtools.daemon_process import free_port, run_daemon
 from tests.conftest import MONITOR_PASSWORD
-from tests.helpers import free_port, run_daemon
 
 WRONG_DSN_PASSWORD = "Wr0ng:c@nary/dsn#1"  # needs URL escaping
 WRONG_FILE_PASSWORD = "Wr0ng-canary-file-77"

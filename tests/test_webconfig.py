@@ -21,8 +21,13 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from exporter.webconfig import WebConfigError, parse_web_config
-from tests.helpers import free_port, logged_process, run_daemon, slowest_scrape_while
+from exporter.devtools.daemon_process import (
+    free_port,
+    logged_process,
+    run_daemon,
+    slowest_scrape_while,
+)
+from exporter.http.webconfig import WebConfigError, parse_web_config
 
 PASSWORD = "scrape-s3cret-pw"
 # Cost 12 (~0.2 s a check): slow enough that an uncached check per request would show.

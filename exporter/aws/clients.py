@@ -24,7 +24,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from exporter import __version__
 from exporter.config import AwsConfig
-from exporter.secrets import redact
+from exporter.redaction import redact
 
 T = TypeVar("T")
 

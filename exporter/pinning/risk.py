@@ -1,7 +1,7 @@
 """Statements in pg_stat_statements that would pin an RDS Proxy session.
 
 AWS shows how many connections are pinned but not which statements pin them. The database
-already knows every statement the application runs; classifying them (`exporter.pinning`)
+already knows every statement the application runs; classifying them (`exporter.pinning.statements`)
 turns "pinning is high" into "this `SET search_path` from orders runs 4,000 times a minute".
 
 This is a helper of the database source, not a source: it reads through the connection the
@@ -36,10 +36,10 @@ from typing import Any
 from pglast.parser import ParseError, normalize
 
 from exporter import metrics as m
-from exporter import pinning
-from exporter.cardinality import OTHER, LabelCap
+from exporter.core.cardinality import OTHER, LabelCap
 from exporter.metrics import Sample
-from exporter.secrets import redact
+from exporter.pinning import statements as pinning
+from exporter.redaction import redact
 
 Fetch = Callable[..., Awaitable[Sequence[Any]]]
 

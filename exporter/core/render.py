@@ -20,8 +20,8 @@ from collections.abc import Iterable
 
 from exporter import __version__
 from exporter import metrics as m
+from exporter.core.store import Snapshot, Store
 from exporter.metrics import HistogramValue, MetricSpec, Sample
-from exporter.store import Snapshot, Store
 
 Scope = tuple[tuple[str, str], ...]
 

@@ -1,7 +1,7 @@
 """What every source is to the daemon: something it can run on an interval and close.
 
 The daemon owns scheduling, timing, health, backoff and logging of failures (see
-`exporter.runner`), so a source only has to sample and raise when it cannot.
+`exporter.core.runner`), so a source only has to sample and raise when it cannot.
 """
 
 from __future__ import annotations

@@ -159,7 +159,7 @@ async def landing(request: web.Request) -> web.Response:
     Never shows a secret: DSNs are reduced to host:port/dbname, and every string that reaches
     the page goes through `secrets.redact` and HTML escaping.
     """
-    from exporter.secrets import redact
+    from exporter.redaction import redact
 
     daemon = request.app[DAEMON]
 

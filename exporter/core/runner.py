@@ -16,10 +16,10 @@ import asyncio
 import logging
 import time
 
+from exporter.core.source import Source
+from exporter.core.store import Store
 from exporter.logs import kv
-from exporter.secrets import redact
-from exporter.sources.base import Source
-from exporter.store import Store
+from exporter.redaction import redact
 
 log = logging.getLogger("pgpressure.runner")
 

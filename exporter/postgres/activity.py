@@ -19,11 +19,11 @@ from collections import defaultdict
 from collections.abc import Iterable
 
 from exporter import metrics as m
-from exporter.cardinality import OTHER, CappedCounters, LabelCap
 from exporter.config import DatabaseConfig
+from exporter.core.cardinality import OTHER, CappedCounters, LabelCap
+from exporter.core.source import Source
 from exporter.metrics import Sample
-from exporter.pg import TargetConnection
-from exporter.sources.base import Source
+from exporter.postgres.connection import TargetConnection
 
 QUERY = """
 SELECT s.max_connections, g.*

@@ -14,7 +14,7 @@ parser accepts parameters wherever the grammar allows expressions, and a stateme
 parse falls back to a conservative keyword check rather than being ignored.
 
 Reason slugs are the ones the proxy's own log lines are classified into (see
-`exporter.sources.rds_proxy`), so a dashboard can put "statements that would pin" beside
+`exporter.aws.rds_proxy`), so a dashboard can put "statements that would pin" beside
 "pins the proxy saw" reason by reason. Two AWS conditions have no slug of their own on purpose:
 
 - `DISCARD` (ALL, PLANS, SEQUENCES, TEMP) resets session state, which the proxy treats like a

@@ -29,9 +29,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from exporter import metrics as m
 from exporter.config import IngestConfig
-from exporter.metrics import HistogramValue, Sample
-from exporter.sources.base import Source
-from exporter.wire import (
+from exporter.core.source import Source
+from exporter.ingest.wire import (
     BOUNDS,
     CLOSE_REASONS,
     HISTOGRAMS,
@@ -40,6 +39,7 @@ from exporter.wire import (
     NBUCKETS,
     SCHEMA_VERSION,
 )
+from exporter.metrics import HistogramValue, Sample
 
 RESULTS = (
     "accepted",

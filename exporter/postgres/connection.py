@@ -19,7 +19,7 @@ import asyncpg
 
 from exporter.config import DatabaseConfig
 from exporter.logs import kv
-from exporter.secrets import redact
+from exporter.redaction import redact
 
 log = logging.getLogger("pgpressure.pg")
 

@@ -3,7 +3,7 @@
 Everything runs in this one process and under one temporary directory, which Ctrl-C (or
 `--duration`) removes:
 
-- PostgreSQL from the system's binaries (`exporter.pgcluster.Cluster`), with a deliberately
+- PostgreSQL from the system's binaries (`exporter.devtools.cluster.Cluster`), with a deliberately
   small `work_mem` (64kB) so sorts and hashes spill to temporary files, and a `pgpressure`
   role that has only `pg_monitor`, as in production. Without system binaries the optional
   `pgserver` package (a pip-installable PostgreSQL) is tried; it has no pg_stat_statements
@@ -25,7 +25,6 @@ import logging
 import os
 import random
 import shutil
-import socket
 import sys
 import tempfile
 import threading
@@ -36,6 +35,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+from exporter.devtools import aws_emulator as emulator
 from exporter.logs import kv
 
 log = logging.getLogger("pgpressure.demo")
@@ -53,12 +53,6 @@ def _say(line: str = "") -> None:
     print(line, flush=True)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _public_host(host: str | None) -> str:
     return "localhost" if host in (None, "", "0.0.0.0", "::") else host
 
@@ -68,7 +62,7 @@ class _Database:
     """The throwaway server: system binaries first, the `pgserver` package as a fallback."""
 
     def __init__(self, base: Path) -> None:
-        from exporter.pgcluster import Cluster, ClusterError
+        from exporter.devtools.cluster import Cluster, ClusterError
 
         self.statements = True
         self._pgserver: Any = None
@@ -282,61 +276,27 @@ class Workload:
 
 # --- the AWS emulator ------------------------------------------------------------------------
 class AwsEmulator:
-    """moto's server with one RDS Proxy, CloudWatch datapoints and pinning log lines."""
+    """The tests' AWS emulator (moto's server, exporter.devtools.aws_emulator) with one RDS
+    Proxy, CloudWatch datapoints every whole minute and pinning log lines every few seconds."""
 
-    REGION = "us-east-1"
+    REGION = emulator.REGION
 
     def __init__(self, stop: threading.Event) -> None:
-        from moto.server import ThreadedMotoServer
-
         logging.getLogger("werkzeug").setLevel(logging.ERROR)
         self.stop = stop
-        self.port = _free_port()
-        self.server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
-        self.url = f"http://127.0.0.1:{self.port}"
+        self._server = contextlib.ExitStack()
+        self.url = ""
         self.thread: threading.Thread | None = None
 
-    def _client(self, service: str) -> Any:
-        import boto3
-
-        return boto3.client(
-            service,
-            endpoint_url=self.url,
-            region_name=self.REGION,
-            aws_access_key_id=FAKE_KEY_ID,
-            aws_secret_access_key=FAKE_SECRET,
-        )
-
     def start(self) -> None:
-        self.server.start()
-        ec2 = self._client("ec2")
-        vpc = ec2.create_vpc(CidrBlock="10.0.0.0/16")["Vpc"]["VpcId"]
-        subnets = [
-            ec2.create_subnet(VpcId=vpc, CidrBlock=f"10.0.{i}.0/24", AvailabilityZone=f"{az}")[
-                "Subnet"
-            ]["SubnetId"]
-            for i, az in ((1, "us-east-1a"), (2, "us-east-1b"))
-        ]
-        self._client("rds").create_db_proxy(
-            DBProxyName=PROXY,
-            EngineFamily="POSTGRESQL",
-            Auth=[
-                {
-                    "AuthScheme": "SECRETS",
-                    "SecretArn": "arn:aws:secretsmanager:us-east-1:123456789012:secret:demo",
-                    "IAMAuth": "DISABLED",
-                }
-            ],
-            RoleArn="arn:aws:iam::123456789012:role/demo-proxy",
-            VpcSubnetIds=subnets,
+        self.url = self._server.enter_context(emulator.moto_server())
+        world = emulator.clients(self.url, "ec2", "rds", "logs", "cloudwatch")
+        emulator.create_proxy(
+            world["rds"], PROXY, emulator.create_subnets(world["ec2"], self.REGION)
         )
-        self.logs = self._client("logs")
-        self.group = f"/aws/rds/proxy/{PROXY}"
-        self.logs.create_log_group(logGroupName=self.group)
-        self.logs.create_log_stream(logGroupName=self.group, logStreamName="demo")
-        self.cloudwatch = self._client("cloudwatch")
+        self.logs, self.cloudwatch = world["logs"], world["cloudwatch"]
         self._fed: set[int] = set()
-        self._feed()
+        self._feed(create_log_group=True)
         self.thread = threading.Thread(target=self._run, name="demo-aws", daemon=True)
         self.thread.start()
 
@@ -345,69 +305,47 @@ class AwsEmulator:
             with contextlib.suppress(Exception):
                 self._feed()
 
-    def _feed(self) -> None:
+    def _feed(self, create_log_group: bool = False) -> None:
         """One datapoint per metric for each of the last five whole minutes not fed yet (the
         source reads a delayed window of 60 s periods), and two pinning log lines now."""
         base = int(time.time() // 60 * 60)
-        data = []
-        for k in range(1, 6):
-            minute = base - 60 * k
+        for minute in (base - 60 * k for k in range(1, 6)):
             if minute in self._fed:
                 continue
             self._fed.add(minute)
-            stamp = datetime.fromtimestamp(minute, UTC)
-            connections = random.randint(18, 24)
-            values = {
-                "DatabaseConnections": connections,
-                "DatabaseConnectionsCurrentlySessionPinned": random.randint(8, connections),
-                "DatabaseConnectionsCurrentlyBorrowed": random.randint(4, 12),
-                "DatabaseConnectionsCurrentlyInTransaction": random.randint(1, 6),
-                "MaxDatabaseConnectionsAllowed": 90,
-                "ClientConnections": random.randint(40, 60),
-                "DatabaseConnectionsBorrowLatency": random.randint(800, 30_000),  # microseconds
-                "QueryDatabaseResponseLatency": random.randint(2_000, 9_000),
-            }
-            for name, value in values.items():
-                data.append(
-                    {
-                        "MetricName": name,
-                        "Dimensions": [{"Name": "ProxyName", "Value": PROXY}],
-                        "Timestamp": stamp,
-                        "Value": float(value),
-                    }
-                )
-        for offset in range(0, len(data), 20):
-            batch = data[offset : offset + 20]
-            self.cloudwatch.put_metric_data(Namespace="AWS/RDS", MetricData=batch)
-        now_ms = int(time.time() * 1000)
+            when = datetime.fromtimestamp(minute, UTC)
+            for name, value in _proxy_minute().items():
+                emulator.put_datapoints(self.cloudwatch, PROXY, name, [value], when)
         lines = random.sample(_PIN_LINES, 2)
-        self.logs.put_log_events(
-            logGroupName=self.group,
-            logStreamName="demo",
-            logEvents=[{"timestamp": now_ms, "message": line} for line in lines],
-        )
+        emulator.put_log_lines(self.logs, PROXY, lines, time.time(), create=create_log_group)
 
     def close(self) -> None:
         with contextlib.suppress(Exception):
-            self.server.stop()
+            self._server.close()
 
 
-_PIN = (
-    "[WARN] [proxyEndpoint=default] [clientConnection={c}] The client session was pinned to "
-    "the database connection [dbConnection={d}] for the remainder of the session. The proxy "
-    "can't reuse this connection until the session ends. Reason: {reason}"
-)
+def _proxy_minute() -> dict[str, float]:
+    """One minute of a busy proxy that pins about half of its database connections."""
+    connections = random.randint(18, 24)
+    return {
+        "DatabaseConnections": connections,
+        "DatabaseConnectionsCurrentlySessionPinned": random.randint(8, connections),
+        "DatabaseConnectionsCurrentlyBorrowed": random.randint(4, 12),
+        "DatabaseConnectionsCurrentlyInTransaction": random.randint(1, 6),
+        "MaxDatabaseConnectionsAllowed": 90,
+        "ClientConnections": random.randint(40, 60),
+        "DatabaseConnectionsBorrowLatency": random.randint(800, 30_000),  # microseconds
+        "QueryDatabaseResponseLatency": random.randint(2_000, 9_000),
+    }
+
+
 _PIN_LINES = [
-    _PIN.format(c=101, d=9001, reason="A parse message was detected."),
-    _PIN.format(
-        c=102,
-        d=9002,
-        reason="SQL changed session settings that the proxy doesn't track. Consider moving "
-        "session configuration to the proxy's initialization query. "
-        'Digest: "set search_path to $1".',
+    emulator.PIN_LINE.format(c=101, d=9001, reason="A parse message was detected."),
+    emulator.PIN_LINE.format(
+        c=102, d=9002, reason=emulator.SETTINGS_REASON.format(digest="set search_path to $1")
     ),
-    _PIN.format(c=103, d=9003, reason="A temporary table was created."),
-    _PIN.format(c=104, d=9004, reason="The session acquired an advisory lock."),
+    emulator.PIN_LINE.format(c=103, d=9003, reason="A temporary table was created."),
+    emulator.PIN_LINE.format(c=104, d=9004, reason="The session acquired an advisory lock."),
 ]
 
 
@@ -452,7 +390,7 @@ def run_demo(listen_address: str, duration: float | None) -> int:
 
     from exporter.config import ConfigError, parse
     from exporter.daemon import Daemon, parse_listen_address
-    from exporter.pgcluster import ClusterError
+    from exporter.devtools.cluster import ClusterError
 
     try:
         host, port = parse_listen_address(listen_address)

@@ -14,13 +14,13 @@ import logging
 from collections.abc import Iterable
 
 from exporter import metrics as m
-from exporter.cardinality import CappedCounters, LabelCap
 from exporter.config import DatabaseConfig
+from exporter.core.cardinality import CappedCounters, LabelCap
+from exporter.core.source import Source
 from exporter.logs import kv
 from exporter.metrics import Sample
-from exporter.pg import TargetConnection, TargetUnavailable
-from exporter.sources.base import Source
-from exporter.sources.pinning_risk import PinningRisk
+from exporter.pinning.risk import PinningRisk
+from exporter.postgres.connection import TargetConnection, TargetUnavailable
 
 log = logging.getLogger("pgpressure.database")
 

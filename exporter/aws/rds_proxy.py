@@ -49,13 +49,13 @@ from datetime import UTC, datetime
 from typing import Any
 
 from exporter import metrics as m
-from exporter.aws import EXPIRED, AwsApiError, Clients, off_the_loop
+from exporter.aws.clients import EXPIRED, AwsApiError, Clients, off_the_loop
 from exporter.config import AwsConfig
+from exporter.core.source import Source
 from exporter.logs import kv
 from exporter.metrics import MetricSpec, Sample
-from exporter.secrets import redact_dsn
-from exporter.sources.base import Source
-from exporter.sources.rds_proxy_logs import CALL_SPACING, PinningLogs, log_group
+from exporter.pinning.proxy_logs import CALL_SPACING, PinningLogs, log_group
+from exporter.redaction import redact_dsn
 
 log = logging.getLogger("pgpressure.rds_proxy")
 

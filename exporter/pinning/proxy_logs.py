@@ -2,7 +2,7 @@
 
 The proxy writes one line per pin to `/aws/rds/proxy/<proxy>` when enhanced logging is on.
 Each poll asks `FilterLogEvents` only for lines containing "was pinned" since the previous
-poll, classifies each reason (`exporter.pinning.log_reason`) and adds it to
+poll, classifies each reason (`exporter.pinning.statements.log_reason`) and adds it to
 `rds_proxy_pinning_events_total{proxy,reason}`.
 
 - **Incremental and exact**: the cursor moves only after a read succeeded in full, and the
@@ -37,9 +37,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from exporter import pinning
-from exporter.aws import THROTTLED, AwsApiError, Clients, TooManyPages
+from exporter.aws.clients import THROTTLED, AwsApiError, Clients, TooManyPages
 from exporter.logs import kv
+from exporter.pinning import statements as pinning
 
 log = logging.getLogger("pgpressure.rds_proxy")
 

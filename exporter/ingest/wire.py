@@ -1,0 +1,1 @@
+../../pgpressure-sqlalchemy/src/pgpressure_sqlalchemy/wire.py

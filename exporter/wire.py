@@ -1,1 +1,0 @@
-../pgpressure-sqlalchemy/src/pgpressure_sqlalchemy/wire.py
