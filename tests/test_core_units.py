@@ -12,12 +12,12 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from exporter import metrics as m
 from exporter.core.cardinality import OTHER, CappedCounters
+from exporter.core.deltas import CumulativeDeltas
 from exporter.core.render import Renderer
 from exporter.core.store import Store
 from exporter.http.routes import _where
 from exporter.logs import JsonFormatter, LogfmtFormatter, kv
 from exporter.metrics import HistogramValue, Sample
-from exporter.postgres.database import CumulativeDeltas
 from exporter.redaction import RedactingFilter, redact, register
 
 

@@ -10,6 +10,7 @@ import time
 import psycopg
 import pytest
 
+from exporter import __version__
 from exporter.devtools.cluster import Cluster
 from exporter.devtools.daemon_process import one_target_config, run_daemon
 from tests.conftest import MONITOR_PASSWORD
@@ -225,7 +226,7 @@ def test_capacity_and_health_metrics(daemon):
     assert daemon.value("pg_vcpus") == 2
     assert daemon.value("pgpressure_source_up", source="activity", target="main") == 1
     assert daemon.value("pgpressure_source_up", source="database", target="main") == 1
-    assert daemon.value("pgpressure_build_info", version="0.1.0") == 1
+    assert daemon.value("pgpressure_build_info", version=__version__) == 1
 
 
 def test_promtool_check_metrics_is_clean(daemon):

@@ -37,6 +37,7 @@ from pglast.parser import ParseError, normalize
 
 from exporter import metrics as m
 from exporter.core.cardinality import OTHER, LabelCap
+from exporter.core.deltas import CumulativeDeltas
 from exporter.metrics import Sample
 from exporter.pinning import statements as pinning
 from exporter.redaction import redact
@@ -93,7 +94,7 @@ class PinningRisk:
         self._queries: tuple[str, str] | None = None
         self._tracks_resets = False
         self._statements: dict[tuple[int, int], _Statement] = {}  # (dbid, queryid)
-        self._last_calls: dict[tuple[int, int, int], float] = {}  # (userid, dbid, queryid)
+        self._calls = CumulativeDeltas()  # (userid, dbid, queryid) -> (calls,)
         self._stats_reset: str | None = None
         self._totals: dict[tuple[str, str], float] = {}
 
@@ -118,7 +119,7 @@ class PinningRisk:
         if rows and self._tracks_resets:
             reset = rows[0]["stats_reset"]
             if self._stats_reset is not None and reset != self._stats_reset:
-                self._last_calls.clear()  # everything counts from zero again
+                self._calls.clear()
             self._stats_reset = reset
 
         unknown = {(int(r["dbid"]), int(r["queryid"])) for r in rows}
@@ -140,13 +141,9 @@ class PinningRisk:
                 # Text not fetched yet (over the per-sample bound): keep its calls as the
                 # baseline, so that once classified it adds what it grew by, not its whole
                 # lifetime in one step (a fake spike in an existing series).
-                self._last_calls[key] = calls
+                self._calls.baseline(key, (calls,))
                 continue
-            prev = self._last_calls.get(key)
-            # Fewer calls than before: the entry was evicted or reset and re-created, so all
-            # of its calls are new. A first-seen entry counts from zero, like any counter.
-            delta = calls if prev is None or calls < prev else calls - prev
-            self._last_calls[key] = calls
+            (delta,) = self._calls.update(key, (calls,))
             stmt.calls += calls
             stmt.recent_calls += delta
             stmt.last_seen = now
@@ -155,8 +152,7 @@ class PinningRisk:
                     total_key = (stmt.datname, reason)
                     self._totals[total_key] = self._totals.get(total_key, 0.0) + delta
 
-        for key in self._last_calls.keys() - seen:
-            del self._last_calls[key]
+        self._calls.forget_missing(seen)
         present = {(k[1], k[2]) for k in seen}
         for stmt_key in self._statements.keys() - present:
             del self._statements[stmt_key]  # evicted: classify again if it comes back

@@ -16,6 +16,7 @@ from collections.abc import Iterable
 from exporter import metrics as m
 from exporter.config import DatabaseConfig
 from exporter.core.cardinality import CappedCounters, LabelCap
+from exporter.core.deltas import CumulativeDeltas
 from exporter.core.source import Source
 from exporter.logs import kv
 from exporter.metrics import Sample
@@ -48,31 +49,6 @@ FROM pg_stat_statements s JOIN pg_database d ON d.oid = s.dbid
 WHERE s.queryid IS NOT NULL
 GROUP BY 1, 2
 """
-
-
-class CumulativeDeltas:
-    """Turns PostgreSQL's cumulative values into growth since the last sample.
-
-    An entry whose values went down was reset or evicted and re-created: its current value
-    is all new growth. A first-seen entry counts from zero, so exported counters start at
-    the entry's cumulative value like any other PostgreSQL counter. Summing growth rather
-    than current values keeps a capped `other` series monotonic when one of the entries in
-    it disappears (a dropped database, an evicted statement).
-    """
-
-    def __init__(self) -> None:
-        self._last: dict[tuple[str, int], tuple[float, ...]] = {}
-
-    def update(self, key: tuple[str, int], values: tuple[float, ...]) -> tuple[float, ...]:
-        prev = self._last.get(key)
-        self._last[key] = values
-        if prev is None or any(v < p for v, p in zip(values, prev, strict=True)):
-            return values
-        return tuple(v - p for v, p in zip(values, prev, strict=True))
-
-    def forget_missing(self, seen: set[tuple[str, int]]) -> None:
-        for key in set(self._last) - seen:
-            del self._last[key]
 
 
 class DatabaseSource(Source):
