@@ -88,6 +88,17 @@ def _cell(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
 
+def _producer(spec: MetricSpec) -> str:
+    """A link to the module that builds the series, relative to docs/."""
+    path = spec.producer.replace(".", "/") + ".py"
+    return f"[`{path}`](../{path})"
+
+
+def _row(spec: MetricSpec) -> str:
+    labels = ", ".join(f"`{label}`" for label in labels_of(spec)) or "-"
+    return f"| `{spec.name}` | {spec.kind} | {labels} | {_cell(spec.help)} | {_producer(spec)} |"
+
+
 def render() -> str:
     out = [
         "# pgpressure metrics",
@@ -109,25 +120,22 @@ def render() -> str:
             continue
         out += [f"## {title}", "", intro, ""]
         pool = prefix == "sqlalchemy_"
-        header = "| metric | type | labels | meaning |"
-        rule = "|---|---|---|---|"
+        header = "| metric | type | labels | meaning | produced by |"
+        rule = "|---|---|---|---|---|"
         if pool:
             header, rule = header + " OpenTelemetry |", rule + "---|"
         out += [header, rule]
         for spec in specs:
             done.add(spec.name)
-            labels = ", ".join(f"`{label}`" for label in labels_of(spec)) or "-"
-            row = f"| `{spec.name}` | {spec.kind} | {labels} | {_cell(spec.help)} |"
+            row = _row(spec)
             if pool:
                 row += f" {OTEL.get(spec.name, '-')} |"
             out.append(row)
         out.append("")
     rest = [s for name, s in CATALOGUE.items() if name not in done]
     if rest:
-        out += ["## Other", "", "| metric | type | labels | meaning |", "|---|---|---|---|"]
-        for spec in rest:
-            labels = ", ".join(f"`{label}`" for label in labels_of(spec)) or "-"
-            out.append(f"| `{spec.name}` | {spec.kind} | {labels} | {_cell(spec.help)} |")
+        out += ["## Other", "", "| metric | type | labels | meaning | produced by |"]
+        out += ["|---|---|---|---|---|", *map(_row, rest)]
         out.append("")
     out += [
         "## Histograms",

@@ -1,8 +1,9 @@
 """The metric catalogue: every name, type, label set and HELP string pgpressure exposes.
 
-Dashboards, alert rules and users' queries depend on these names (see CONTRACT.md), so they
-live in exactly one place. Sources build `Sample`s against these specs; `render.py` turns
-whatever the store holds into metric families without knowing any name itself.
+Dashboards, alert rules and users' queries depend on these names (docs/metrics.md lists them,
+generated from here), so they live in exactly one place, each with the module that produces
+it (`producer`). Sources build `Sample`s against these specs; `core/render.py` turns whatever
+the store holds into metric families without knowing any name itself.
 HELP strings say where a value is sampled, because a scrape never reads a source directly.
 """
 
@@ -20,6 +21,8 @@ class MetricSpec:
     kind: Kind
     help: str
     labels: tuple[str, ...] = ()
+    # The module that builds this series' samples: any series is one hop from its source.
+    producer: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,8 +44,10 @@ class Sample:
 CATALOGUE: dict[str, MetricSpec] = {}
 
 
-def _spec(name: str, kind: Kind, help: str, labels: tuple[str, ...] = ()) -> MetricSpec:
-    spec = MetricSpec(name, kind, help, labels)
+def _spec(
+    name: str, kind: Kind, help: str, labels: tuple[str, ...] = (), *, producer: str
+) -> MetricSpec:
+    spec = MetricSpec(name, kind, help, labels, producer)
     if name in CATALOGUE:
         raise ValueError(f"metric {name} declared twice")
     CATALOGUE[name] = spec
@@ -62,72 +67,84 @@ POOL_CONNECTIONS = _spec(
     "gauge",
     f"Open pool connections by state (used = checked out, idle = in the pool); {_PUSH}.",
     (*_POOL, "state"),
+    producer="exporter.ingest.aggregator",
 )
 POOL_SIZE = _spec(
     "sqlalchemy_pool_size",
     "gauge",
     f"Configured pool_size summed over live processes; {_PUSH}.",
     _POOL,
+    producer="exporter.ingest.aggregator",
 )
 POOL_MAX_CONNECTIONS = _spec(
     "sqlalchemy_pool_max_connections",
     "gauge",
     f"pool_size + max_overflow summed over live processes (+Inf if unbounded); {_PUSH}.",
     _POOL,
+    producer="exporter.ingest.aggregator",
 )
 POOL_PENDING_REQUESTS = _spec(
     "sqlalchemy_pool_pending_requests",
     "gauge",
     f"Callers waiting for a connection at the last report; {_PUSH}.",
     _POOL,
+    producer="exporter.ingest.aggregator",
 )
 POOL_WAIT_SECONDS = _spec(
     "sqlalchemy_pool_wait_seconds",
     "histogram",
     f"Time to obtain a connection: queue wait, connect and pre-ping; {_PUSH}.",
     _POOL,
+    producer="exporter.ingest.aggregator",
 )
 POOL_USE_SECONDS = _spec(
     "sqlalchemy_pool_use_seconds",
     "histogram",
     f"Time a connection was held, checkout to checkin; {_PUSH}.",
     _POOL,
+    producer="exporter.ingest.aggregator",
 )
 POOL_CREATE_SECONDS = _spec(
     "sqlalchemy_pool_create_seconds",
     "histogram",
     f"Time to open a new DBAPI connection; {_PUSH}.",
     _POOL,
+    producer="exporter.ingest.aggregator",
 )
 POOL_CHECKOUTS = _spec(
     "sqlalchemy_pool_checkouts_total",
     "counter",
     f"Successful connection checkouts; {_PUSH}.",
     _POOL,
+    producer="exporter.ingest.aggregator",
 )
 POOL_TIMEOUTS = _spec(
     "sqlalchemy_pool_timeouts_total",
     "counter",
     f"Checkouts that raised the pool TimeoutError; {_PUSH}.",
     _POOL,
+    producer="exporter.ingest.aggregator",
 )
 POOL_CONNECTIONS_CLOSED = _spec(
     "sqlalchemy_pool_connections_closed_total",
     "counter",
     f"Connections closed by reason (recycle, invalidated, overflow, other); {_PUSH}.",
     (*_POOL, "reason"),
+    producer="exporter.ingest.aggregator",
 )
 QUERY_DURATION_SECONDS = _spec(
     "sqlalchemy_query_duration_seconds",
     "histogram",
     f"Statement execution time seen by the application; {_PUSH}.",
     _POOL,
+    producer="exporter.ingest.aggregator",
 )
 APP_PROCESSES = _spec(
     "sqlalchemy_app_processes",
     "gauge",
     "Processes of the app that reported within ingest.stale_after.",
     ("app",),
+    producer="exporter.ingest.aggregator",
 )
 
 # --- PostgreSQL (every sample also gets the `target` label) -------------------------------
@@ -137,103 +154,121 @@ ACTIVE_SESSION_SECONDS = _spec(
     f"Active-session seconds, {_ACT} (interval x sessions per sample); CPU/CPU when active "
     "without a wait event. rate() gives average active sessions (AAS).",
     ("datname", "wait_event_type", "wait_event"),
+    producer="exporter.postgres.activity",
 )
 APPLICATION_ACTIVE_SESSION_SECONDS = _spec(
     "pg_application_active_session_seconds_total",
     "counter",
     f"Active-session seconds by application_name (top-K plus other), {_ACT}.",
     ("datname", "application_name"),
+    producer="exporter.postgres.activity",
 )
 SESSIONS = _spec(
     "pg_sessions",
     "gauge",
     f"Client backends by state at the last sample, {_ACT}.",
     ("datname", "state"),
+    producer="exporter.postgres.activity",
 )
 BLOCKED_SESSIONS = _spec(
     "pg_blocked_sessions",
     "gauge",
     f"Sessions waiting on a lock held by another session at the last sample, {_ACT}.",
     ("datname",),
+    producer="exporter.postgres.activity",
 )
 OLDEST_TRANSACTION_SECONDS = _spec(
     "pg_oldest_transaction_seconds",
     "gauge",
     f"Age of the oldest open transaction at the last sample, {_ACT}.",
     ("datname",),
+    producer="exporter.postgres.activity",
 )
 OLDEST_IDLE_IN_TRANSACTION_SECONDS = _spec(
     "pg_oldest_idle_in_transaction_seconds",
     "gauge",
     f"Longest time a session has been idle in transaction at the last sample, {_ACT}.",
     ("datname",),
+    producer="exporter.postgres.activity",
 )
 OLDEST_QUERY_SECONDS = _spec(
     "pg_oldest_query_seconds",
     "gauge",
     f"Age of the longest-running active query at the last sample, {_ACT}.",
     ("datname",),
+    producer="exporter.postgres.activity",
 )
 ACTIVITY_SAMPLES = _spec(
     "pg_activity_samples_total",
     "counter",
     f"Activity samples taken, {_ACT}.",
+    producer="exporter.postgres.activity",
 )
 MAX_CONNECTIONS = _spec(
     "pg_max_connections",
     "gauge",
     "The max_connections setting, read by the activity source.",
+    producer="exporter.postgres.activity",
 )
 VCPUS = _spec(
     "pg_vcpus",
     "gauge",
     "vCPUs of the database server as configured (databases[].vcpus).",
+    producer="exporter.postgres.activity",
 )
 TEMP_BYTES = _spec(
     "pg_temp_bytes_total",
     "counter",
     f"Bytes written to temporary files, {_DB}.",
     ("datname",),
+    producer="exporter.postgres.database",
 )
 TEMP_FILES = _spec(
     "pg_temp_files_total",
     "counter",
     f"Temporary files created, {_DB}.",
     ("datname",),
+    producer="exporter.postgres.database",
 )
 WORK_MEM_BYTES = _spec(
     "pg_work_mem_bytes",
     "gauge",
     "The work_mem setting in bytes, read by the database source.",
+    producer="exporter.postgres.database",
 )
 STATEMENTS_AVAILABLE = _spec(
     "pg_stat_statements_available",
     "gauge",
     "1 if pg_stat_statements is installed and readable in the target database, else 0.",
+    producer="exporter.postgres.database",
 )
 STATEMENT_TEMP_BYTES = _spec(
     "pg_statement_temp_bytes_total",
     "counter",
     f"Temp bytes written by the top-N statements by recent temp writes, {_STMT}.",
     ("datname", "queryid"),
+    producer="exporter.postgres.database",
 )
 STATEMENT_CALLS = _spec(
     "pg_statement_calls_total",
     "counter",
     f"Calls of the top-N statements by recent execution time, {_STMT}.",
     ("datname", "queryid"),
+    producer="exporter.postgres.database",
 )
 STATEMENT_EXEC_SECONDS = _spec(
     "pg_statement_exec_seconds_total",
     "counter",
     f"Execution time of the top-N statements by recent execution time, {_STMT}.",
     ("datname", "queryid"),
+    producer="exporter.postgres.database",
 )
 PINNING_RISK_CALLS = _spec(
     "pg_pinning_risk_calls_total",
     "counter",
     f"Calls of statements that would pin an RDS Proxy session, by reason, {_STMT}.",
     ("datname", "reason"),
+    producer="exporter.pinning.risk",
 )
 
 # --- RDS Proxy ----------------------------------------------------------------------------
@@ -243,95 +278,117 @@ RDS_PROXY_PINNED = _spec(
     "gauge",
     f"DatabaseConnectionsCurrentlySessionPinned (Sum), {_CW}. 0 until AWS publishes a pin.",
     _PROXY,
+    producer="exporter.aws.rds_proxy",
 )
 RDS_PROXY_DATABASE_CONNECTIONS = _spec(
     "rds_proxy_database_connections",
     "gauge",
     f"DatabaseConnections (Sum), {_CW}.",
     _PROXY,
+    producer="exporter.aws.rds_proxy",
 )
 RDS_PROXY_BORROWED = _spec(
     "rds_proxy_database_connections_currently_borrowed",
     "gauge",
     f"DatabaseConnectionsCurrentlyBorrowed (Sum), {_CW}.",
     _PROXY,
+    producer="exporter.aws.rds_proxy",
 )
 RDS_PROXY_IN_TRANSACTION = _spec(
     "rds_proxy_database_connections_currently_in_transaction",
     "gauge",
     f"DatabaseConnectionsCurrentlyInTransaction (Sum), {_CW}.",
     _PROXY,
+    producer="exporter.aws.rds_proxy",
 )
 RDS_PROXY_MAX_ALLOWED = _spec(
     "rds_proxy_max_database_connections_allowed",
     "gauge",
     f"MaxDatabaseConnectionsAllowed (Sum), {_CW}.",
     _PROXY,
+    producer="exporter.aws.rds_proxy",
 )
 RDS_PROXY_CLIENT_CONNECTIONS = _spec(
     "rds_proxy_client_connections",
     "gauge",
     f"ClientConnections (Sum), {_CW}.",
     _PROXY,
+    producer="exporter.aws.rds_proxy",
 )
 RDS_PROXY_BORROW_LATENCY = _spec(
     "rds_proxy_database_connections_borrow_latency_seconds",
     "gauge",
     f"DatabaseConnectionsBorrowLatency (Average), converted from microseconds, {_CW}.",
     _PROXY,
+    producer="exporter.aws.rds_proxy",
 )
 RDS_PROXY_QUERY_LATENCY = _spec(
     "rds_proxy_query_database_response_latency_seconds",
     "gauge",
     f"QueryDatabaseResponseLatency (Average), converted from microseconds, {_CW}.",
     _PROXY,
+    producer="exporter.aws.rds_proxy",
 )
 RDS_PROXY_PINNING_EVENTS = _spec(
     "rds_proxy_pinning_events_total",
     "counter",
     "Pinning lines in the proxy's CloudWatch Logs by reason, read by the rds_proxy source.",
     ("proxy", "reason"),
+    producer="exporter.aws.rds_proxy",
 )
 
 # --- the exporter itself -------------------------------------------------------------------
-BUILD_INFO = _spec("pgpressure_build_info", "gauge", "Always 1; the version label.", ("version",))
+BUILD_INFO = _spec(
+    "pgpressure_build_info",
+    "gauge",
+    "Always 1; the version label.",
+    ("version",),
+    producer="exporter.core.render",
+)
 SOURCE_UP = _spec(
     "pgpressure_source_up",
     "gauge",
     "1 if the source's last run succeeded, else 0.",
     ("source", "target"),
+    producer="exporter.core.render",
 )
 SOURCE_LAST_SUCCESS = _spec(
     "pgpressure_source_last_success_timestamp_seconds",
     "gauge",
     "Unix time of the source's last successful run; values it exported date from then.",
     ("source", "target"),
+    producer="exporter.core.render",
 )
 SOURCE_DURATION = _spec(
     "pgpressure_source_duration_seconds",
     "gauge",
     "Duration of the source's last run.",
     ("source", "target"),
+    producer="exporter.core.render",
 )
 SOURCE_ERRORS = _spec(
     "pgpressure_source_errors_total",
     "counter",
     "Failed runs of the source (connection errors, timeouts, API errors).",
     ("source", "target"),
+    producer="exporter.core.render",
 )
 REPORTS = _spec(
     "pgpressure_reports_total",
     "counter",
     "Pushed app reports by result (accepted, or the reason they were refused).",
     ("result",),
+    producer="exporter.ingest.aggregator",
 )
 HTTP_CONNECTIONS_REFUSED = _spec(
     "pgpressure_http_connections_refused_total",
     "counter",
     "Connections closed on accept because --web.max-connections were already open.",
+    producer="exporter.daemon",
 )
 CLOUDWATCH_METRICS_REQUESTED = _spec(
     "pgpressure_cloudwatch_metrics_requested_total",
     "counter",
     "Metric queries sent to CloudWatch GetMetricData (what AWS bills for).",
+    producer="exporter.aws.rds_proxy",
 )

@@ -74,6 +74,29 @@ class _Scan:
 
 
 @dataclass
+class _Batch:
+    """What one read found, not committed yet: new events by ID, reasons counted."""
+
+    newest: int
+    seen: dict[str, int]
+    read: int = 0
+    next_token: str | None = None
+    counts: dict[str, int] = field(default_factory=dict)
+
+    def add(self, event: dict[str, Any]) -> None:
+        event_id = str(event.get("eventId", ""))
+        if event_id in self.seen:
+            return
+        stamp = int(event.get("timestamp", 0))
+        self.seen[event_id] = stamp
+        self.read += 1
+        self.newest = max(self.newest, stamp)
+        reason = pinning.log_reason(str(event.get("message", "")))
+        if reason is not None:
+            self.counts[reason] = self.counts.get(reason, 0) + 1
+
+
+@dataclass
 class _State:
     cursor_ms: int
     seen: dict[str, int] = field(default_factory=dict)  # eventId -> timestamp
@@ -180,31 +203,52 @@ class PinningLogs:
         return state is None or not state.problem or self.clock() >= state.retry_at
 
     def _read_one(self, proxy: str, budget: int) -> int:
-        now = self.clock()
-        now_ms = int(now * 1000)
+        """Read one proxy's new pinning lines (or go on with a scan cut short); the counts
+        are committed only when the read succeeded. Returns the events read."""
         state = self._states.get(proxy)
         if state is None:
-            start = now_ms - int(self.first_lookback * 1000)
+            start = int(self.clock() * 1000) - int(self.first_lookback * 1000)
             state = self._states[proxy] = _State(cursor_ms=start)
         if state.scan is not None and state.scan.request["limit"] > budget:
             return 0  # a page could overrun this poll's budget; a later poll starts with it
-        read, newest, next_token = 0, state.cursor_ms, None
-        counts: dict[str, int] = {}
-        seen = dict(state.seen)
-        scan = state.scan
         request = (
-            scan.request
-            if scan is not None
-            else {
-                "logGroupName": log_group(proxy),
-                "startTime": max(0, state.cursor_ms - OVERLAP_MS),
-                "endTime": now_ms,
-                "filterPattern": f'"{pinning.PIN_MARKER}"',
-                "interleaved": True,
-                "limit": min(10_000, budget),
-            }
+            state.scan.request if state.scan is not None else self._request(state, proxy, budget)
         )
-        first_page = {"nextToken": scan.next_token} if scan is not None else {}
+        try:
+            batch = self._scan(state, request, budget)
+        except AwsApiError as exc:
+            self._failed(proxy, state, exc)
+            return 0
+        if batch.next_token:
+            # Cut short: go on from this page next poll. The cursor moves to the newest line
+            # read, which only matters should the scan have to start over.
+            self._commit(proxy, state, batch.counts, batch.seen, batch.newest)
+            state.scan = _Scan(request, batch.next_token)
+            log.info(
+                "rds proxy pinning log backlog; continuing next poll",
+                extra=kv(proxy=proxy, events=batch.read, calls_left=self._pages_left),
+            )
+        else:
+            self._commit(proxy, state, batch.counts, batch.seen, request["endTime"])
+            state.scan = None
+        return batch.read
+
+    def _request(self, state: _State, proxy: str, budget: int) -> dict[str, Any]:
+        """A new scan: from a little before the cursor (late lines) up to now."""
+        return {
+            "logGroupName": log_group(proxy),
+            "startTime": max(0, state.cursor_ms - OVERLAP_MS),
+            "endTime": int(self.clock() * 1000),
+            "filterPattern": f'"{pinning.PIN_MARKER}"',
+            "interleaved": True,
+            "limit": min(10_000, budget),
+        }
+
+    def _scan(self, state: _State, request: dict[str, Any], budget: int) -> _Batch:
+        """Pages of the scan until it ends, the budget is read or this poll's calls are used
+        up; events already counted (by ID) are skipped."""
+        batch = _Batch(newest=state.cursor_ms, seen=dict(state.seen))
+        first_page = {"nextToken": state.scan.next_token} if state.scan is not None else {}
         pages = self.clients.pages(
             "logs",
             "filter_log_events",
@@ -218,55 +262,35 @@ class PinningLogs:
         )
         try:
             for page in pages:
-                next_token = page.get("nextToken")
+                batch.next_token = page.get("nextToken")
                 for event in page["events"]:
-                    event_id = str(event.get("eventId", ""))
-                    if event_id in seen:
-                        continue
-                    stamp = int(event.get("timestamp", 0))
-                    seen[event_id] = stamp
-                    read += 1
-                    newest = max(newest, stamp)
-                    reason = pinning.log_reason(str(event.get("message", "")))
-                    if reason is not None:
-                        counts[reason] = counts.get(reason, 0) + 1
-                if read >= budget and next_token:
+                    batch.add(event)
+                if batch.read >= budget and batch.next_token:
                     break
         except TooManyPages:
             pass  # this poll's calls are used up; next_token is where the scan goes on
-        except AwsApiError as exc:
-            if scan is not None and exc.code in _SCAN_EXPIRED:
-                # Nothing of this read is committed; the next poll scans again from the
-                # cursor, and the seen event IDs keep what was counted from being counted twice.
-                log.info(
-                    "rds proxy pinning log scan could not be resumed; starting it again",
-                    extra=kv(proxy=proxy, error=exc.code),
-                )
-                state.scan = None
-                return 0
-            problem = _SETUP_ERRORS.get(exc.code)
-            if problem is None:
-                raise  # throttling: read() skips the logs; 5xx, credentials: the runner backs off
-            if problem != state.problem:
-                log.warning(
-                    f"rds proxy pinning logs unavailable: {problem}; {_HINTS[problem]}",
-                    extra=kv(proxy=proxy, log_group=log_group(proxy)),
-                )
-            state.problem, state.retry_at = problem, now + self.retry_after
-            return 0
-        if next_token:
-            # Cut short: go on from this page next poll. The cursor moves to the newest line
-            # read, which only matters should the scan have to start over.
-            self._commit(proxy, state, counts, seen, newest)
-            state.scan = _Scan(request, next_token)
+        return batch
+
+    def _failed(self, proxy: str, state: _State, exc: AwsApiError) -> None:
+        """Nothing of the read is committed. An expired scan starts over next poll (the seen
+        event IDs keep lines from being counted twice); a setup problem is said once and
+        retried later; anything else goes up (throttling to read(), the rest to the runner)."""
+        if state.scan is not None and exc.code in _SCAN_EXPIRED:
             log.info(
-                "rds proxy pinning log backlog; continuing next poll",
-                extra=kv(proxy=proxy, events=read, calls_left=self._pages_left),
+                "rds proxy pinning log scan could not be resumed; starting it again",
+                extra=kv(proxy=proxy, error=exc.code),
             )
-        else:
-            self._commit(proxy, state, counts, seen, request["endTime"])
             state.scan = None
-        return read
+            return
+        problem = _SETUP_ERRORS.get(exc.code)
+        if problem is None:
+            raise exc
+        if problem != state.problem:
+            log.warning(
+                f"rds proxy pinning logs unavailable: {problem}; {_HINTS[problem]}",
+                extra=kv(proxy=proxy, log_group=log_group(proxy)),
+            )
+        state.problem, state.retry_at = problem, self.clock() + self.retry_after
 
     def _commit(
         self,
