@@ -43,9 +43,11 @@ from exporter.devtools.cluster import Cluster
 from exporter.devtools.daemon_process import DaemonProcess, free_port, run_daemon
 
 # Per-probe bounds. The issue's figure is 100 ms; a single probe on a 2-core CI runner that is
-# busy restarting PostgreSQL can be descheduled for longer than that, so the hard per-request
-# bound is generous and the 100 ms figure is asserted on the 99th percentile.
-PROBE_HARD_BOUND = 1.0
+# busy restarting PostgreSQL can be descheduled for longer than that (1.07 s seen once with
+# other test runs on the machine), so the hard per-request bound only separates "descheduled"
+# from "waited on a source": a scrape that waited on a stalled database or AWS call would take
+# the call's timeout, 5 s or more. The 100 ms figure is asserted on the 99th percentile.
+PROBE_HARD_BOUND = 3.0
 PROBE_P99_BOUND = 0.100
 
 LAUNCHER = r"""
