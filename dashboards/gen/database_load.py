@@ -1,0 +1,227 @@
+"""pgpressure / Database load: PostgreSQL seen from pg_stat_activity samples and
+pg_stat_database / pg_stat_statements."""
+
+from __future__ import annotations
+
+from .board import dashboard
+from .panels import row, stat, table, timeseries
+from .queries import PG, Q, sum_rate
+
+FILE = "database-load.json"
+DB = "{{target}}/{{datname}}"
+STATEMENT = "target, datname, queryid"
+
+
+def build() -> dict:
+    return dashboard(
+        "pgpressure-database-load",
+        "pgpressure / Database load",
+        "PostgreSQL seen from pg_stat_activity (sampled every second) and pg_stat_database / "
+        "pg_stat_statements: load by wait event against vCPUs, sessions, blocking, old "
+        "transactions, temp files and the statements behind them.",
+        [
+            row("Load"),
+            *_load(),
+            *_load_breakdown(),
+            row("Sessions"),
+            *_sessions(),
+            *_old_transactions(),
+            row("Temporary files and statements"),
+            *_temp(),
+            *_top_statements(),
+            _mean_statement_time(),
+        ],
+    )
+
+
+def _load() -> list:
+    return [
+        timeseries(
+            "Database load (AAS) by wait event type",
+            "Average active sessions stacked by wait event type, like Performance "
+            "Insights: CPU = running, Lock = blocked by another session, IO = reading or "
+            "writing, Client = waiting for the app, LWLock = internal contention. The "
+            "dashed line is the vCPU count; load above it queues.",
+            "short",
+            [
+                Q(
+                    sum_rate("wait_event_type", "pg_active_session_seconds_total", PG),
+                    "{{wait_event_type}}",
+                ),
+                Q(f"sum(pg_vcpus{{{PG}}})", "vCPUs"),
+            ],
+            w=16,
+            h=9,
+            stack=True,
+            lines=("vCPUs",),
+        ),
+        stat(
+            "Load per vCPU (5m)",
+            "AAS / vCPUs over 5m per target (recording rule). Above 100% for 10m fires "
+            "PostgresLoadAboveVCPUs. Empty when databases[].vcpus is not configured.",
+            "percentunit",
+            Q(f"max(job_target:pg_active_session_seconds_per_vcpu:ratio_rate5m{{{PG}}})"),
+            thresholds=[(None, "green"), (0.7, "orange"), (1, "red")],
+            w=8,
+            h=9,
+            no_value="no vcpus set",
+        ),
+    ]
+
+
+def _load_breakdown() -> list:
+    return [
+        timeseries(
+            "Top wait events",
+            "The ten wait events with the most average active sessions. Look the names up "
+            "in the PostgreSQL docs (Wait Event tables) to see what sessions wait for.",
+            "short",
+            [
+                Q(
+                    "topk(10, "
+                    + sum_rate("wait_event_type, wait_event", "pg_active_session_seconds_total", PG)
+                    + ")",
+                    "{{wait_event_type}}:{{wait_event}}",
+                )
+            ],
+        ),
+        timeseries(
+            "Load by application",
+            "Average active sessions by application_name (top-K plus other): which app "
+            "brings the load.",
+            "short",
+            [
+                Q(
+                    sum_rate("application_name", "pg_application_active_session_seconds_total", PG),
+                    "{{application_name}}",
+                )
+            ],
+            stack=True,
+        ),
+    ]
+
+
+def _sessions() -> list:
+    return [
+        timeseries(
+            "Sessions by state vs max_connections",
+            "Client backends by state, stacked; the dashed line is max_connections. Many "
+            "idle sessions are open pool connections; above 80% of the line fires "
+            "PostgresConnectionsNearMax.",
+            "short",
+            [
+                Q(f"sum by (state) (pg_sessions{{{PG}}})", "{{state}}"),
+                Q(f"sum(pg_max_connections{{{PG}}})", "max_connections"),
+            ],
+            w=8,
+            stack=True,
+            lines=("max_connections",),
+        ),
+        timeseries(
+            "Blocked sessions",
+            "Sessions waiting on a lock held by another session, per database. Sustained "
+            "blocking for 5m fires PostgresLockContention; find the blocker with "
+            "pg_blocking_pids().",
+            "short",
+            [Q(f"sum by (target, datname) (pg_blocked_sessions{{{PG}}})", DB)],
+            w=8,
+        ),
+    ]
+
+
+def _old_transactions() -> list:
+    return [
+        timeseries(
+            "Oldest transaction, idle in transaction, query",
+            "Age of the oldest open transaction, the longest idle-in-transaction session "
+            "and the longest-running query. Long transactions hold locks and hold back "
+            "vacuum; idle in transaction over 5m fires PostgresIdleInTransaction.",
+            "s",
+            [
+                Q(
+                    f"max by (target) (pg_oldest_transaction_seconds{{{PG}}})",
+                    "{{target}} transaction",
+                ),
+                Q(
+                    f"max by (target) (pg_oldest_idle_in_transaction_seconds{{{PG}}})",
+                    "{{target}} idle in transaction",
+                ),
+                Q(f"max by (target) (pg_oldest_query_seconds{{{PG}}})", "{{target}} query"),
+            ],
+            w=8,
+        ),
+    ]
+
+
+def _temp() -> list:
+    return [
+        timeseries(
+            "Temp bytes written",
+            "Bytes per second written to temporary files per database: sorts and hashes "
+            "that did not fit in work_mem. Above 10 MiB/s for 15m fires "
+            "PostgresTempSpillHigh.",
+            "binBps",
+            [Q(sum_rate("target, datname", "pg_temp_bytes_total", PG), DB)],
+            w=8,
+        ),
+        timeseries(
+            "Temp files created",
+            "Temporary files created per second per database.",
+            "ops",
+            [Q(sum_rate("target, datname", "pg_temp_files_total", PG), DB)],
+            w=8,
+        ),
+        stat(
+            "work_mem",
+            "The work_mem setting: memory a sort or hash node may use before spilling. "
+            "Raise it per statement or role (SET LOCAL work_mem), not globally.",
+            "bytes",
+            Q(f"max(pg_work_mem_bytes{{{PG}}})"),
+            no_value="unknown",
+            w=8,
+            h=8,
+        ),
+    ]
+
+
+def _top(metric: str) -> Q:
+    """The ten statements with the largest increase of `metric` over the time range."""
+    return Q(f"topk(10, {sum_rate(STATEMENT, metric, PG, 'increase', '$__range')})", instant=True)
+
+
+def _top_statements() -> list:
+    return [
+        table(
+            "Top statements by temp bytes (time range)",
+            "Statements (pg_stat_statements queryid) that wrote the most temporary bytes "
+            "in the time range. Look the text up with SELECT query FROM "
+            "pg_stat_statements WHERE queryid = ...; EXPLAIN (ANALYZE, BUFFERS) it.",
+            "bytes",
+            [_top("pg_statement_temp_bytes_total")],
+        ),
+        table(
+            "Top statements by execution time (time range)",
+            "Statements that spent the most execution time in the time range, with their "
+            "queryid. These are where tuning pays off first.",
+            "s",
+            [_top("pg_statement_exec_seconds_total")],
+        ),
+    ]
+
+
+def _mean_statement_time():
+    return timeseries(
+        "Mean statement time of the top statements",
+        "Execution seconds per call for the top-N statements: a statement whose mean "
+        "time grows is getting a worse plan or more data.",
+        "s",
+        [
+            Q(
+                sum_rate(STATEMENT, "pg_statement_exec_seconds_total", PG)
+                + " / "
+                + sum_rate(STATEMENT, "pg_statement_calls_total", PG),
+                "{{datname}} {{queryid}}",
+            )
+        ],
+        w=24,
+    )
