@@ -533,22 +533,31 @@ def role_config(url: str) -> AwsConfig:
 
 
 async def test_role_renewal_closes_the_clients_it_replaces(aws, fault_proxy) -> None:
+    """The assumed role's credentials last an hour (the emulator's STS default, as AWS's);
+    ten minutes before they expire the source assumes the role again and closes the clients
+    built with the old credentials, so their connections are released."""
     build_world(aws)
     clock = Clock(T0)
     source = RdsProxySource(role_config(fault_proxy.url), clock=clock, log_call_spacing=0)
     await source.sample()
     assert fault_proxy.calls["AssumeRole"] == 1
-    old = dict(source._clients._clients)
+    services = ("rds", "cloudwatch", "logs")
+    old = {name: source.clients.get(name) for name in services}
     closed: list[str] = []
     for name, client in old.items():
         client.close = functools.partial(_record_close, client.close, closed, name)
 
-    source._clients._role_expires = clock.now + 300  # inside the ten-minute renewal margin
+    clock.now = T0 + 3600 - 900  # fifteen minutes before expiry: nothing renewed yet
+    await source.sample()
+    assert fault_proxy.calls["AssumeRole"] == 1 and not closed
+    clock.now = T0 + 3600 - 300  # inside the ten-minute renewal margin
     await source.sample()
 
-    assert fault_proxy.calls["AssumeRole"] == 2
-    assert sorted(closed) == sorted(old)  # every dropped client released its connections
-    assert all(source._clients._clients[n] is not c for n, c in old.items())
+    # The emulator dates the new credentials from the real clock, which the source's clock is
+    # now ahead of, so every call of this poll is inside the margin and renews again.
+    assert fault_proxy.calls["AssumeRole"] >= 2
+    assert sorted(closed) == sorted(services)  # every dropped client released its connections
+    assert all(source.clients.get(name) is not old[name] for name in services)
 
 
 def _record_close(close, closed: list[str], name: str) -> None:

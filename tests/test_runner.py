@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Iterable
 
 from exporter import metrics as m
@@ -33,11 +34,23 @@ class Scripted(Source):
         return [Sample(m.MAX_CONNECTIONS, (), 100.0)]
 
 
-def test_backoff_stays_capped_after_days_of_failures() -> None:
-    runner = SourceRunner(Scripted(), Store())
-    assert [runner._backoff(n) for n in (1, 2, 3, 6)] == [1.0, 2.0, 4.0, 30.0]
-    # 2 ** 1024 does not fit a float: an uncapped exponent raised OverflowError here.
-    assert runner._backoff(5_000) == 30.0
+async def test_retries_back_off_doubling_and_stay_capped_after_days_of_failures() -> None:
+    """The wait before each retry, read from the source's health as the landing page does:
+    interval 1 s doubling to the source's cap of 30 s, and still 30 s after 5,000 failures
+    (2 ** 1024 does not fit a float: an uncapped exponent raised OverflowError there)."""
+    source, store = Scripted(), Store()
+    source.fail = True
+    runner = SourceRunner(source, store)
+    health = store.health(runner.key)
+    waits = []
+    for _ in range(5_000):
+        health.next_attempt = 0.0  # retry at once, keep the failure count
+        before = time.monotonic()
+        await runner.run_once()
+        # next_attempt leaves half an interval of slack for the scheduler's tick
+        waits.append(round(health.next_attempt - before + source.interval / 2))
+    assert waits[:6] == [1, 2, 4, 8, 16, 30]
+    assert set(waits[5:]) == {30}
 
 
 async def test_a_source_failing_for_thousands_of_runs_keeps_being_counted() -> None:

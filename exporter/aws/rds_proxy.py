@@ -121,9 +121,9 @@ class RdsProxySource(Source):
         self.interval = self.rds.interval
         self.backoff_max = max(self.interval * 8, 300.0)
         self.clock = clock
-        self._clients = Clients(config, clock)
+        self.clients = Clients(config, clock)
         self._logs = PinningLogs(
-            self._clients,
+            self.clients,
             clock,
             first_lookback=max(self.interval, 300.0),
             max_events_per_poll=self.rds.max_log_events_per_poll,
@@ -141,7 +141,7 @@ class RdsProxySource(Source):
         return await off_the_loop(self._poll, "pgpressure-rds-proxy-poll")
 
     async def close(self) -> None:
-        await off_the_loop(self._clients.reset, "pgpressure-aws-close")
+        await off_the_loop(self.clients.reset, "pgpressure-aws-close")
 
     def status(self) -> dict[str, object]:
         endpoint = self.config.endpoint_url
@@ -178,7 +178,7 @@ class RdsProxySource(Source):
                 self._logs.read([p.name for p in self._proxies])
         except AwsApiError as exc:
             if exc.code in EXPIRED:
-                self._clients.reset()  # pick up refreshed credentials on the next attempt
+                self.clients.reset()  # pick up refreshed credentials on the next attempt
             raise
         self._last_poll = {
             "at": _iso(started),
@@ -209,7 +209,7 @@ class RdsProxySource(Source):
             proxies = [_Proxy(name) for name in self.rds.proxies]
         else:
             proxies = []
-            for page in self._clients.pages(
+            for page in self.clients.pages(
                 "rds", "describe_db_proxies", "DBProxies", "Marker", "Marker"
             ):
                 for item in page.get("DBProxies", []):
@@ -248,12 +248,12 @@ class RdsProxySource(Source):
 
     def _target_groups(self, proxy: str) -> list[dict[str, object]]:
         groups = []
-        page = self._clients.call(
+        page = self.clients.call(
             "rds", "describe_db_proxy_target_groups", "TargetGroups", DBProxyName=proxy
         )
         for group in page.get("TargetGroups", []):
             name = group.get("TargetGroupName", "")
-            targets = self._clients.call(
+            targets = self.clients.call(
                 "rds",
                 "describe_db_proxy_targets",
                 "Targets",
@@ -282,7 +282,7 @@ class RdsProxySource(Source):
         derived from DescribeDBProxyTargets, so the dimension values are exactly CloudWatch's;
         RecentlyActive drops targets that have not reported for three hours."""
         found: set[tuple[str, str]] = set()
-        pages = self._clients.pages(
+        pages = self.clients.pages(
             "cloudwatch",
             "list_metrics",
             "Metrics",
@@ -354,7 +354,7 @@ class RdsProxySource(Source):
                 "EndTime": end,
                 "ScanBy": "TimestampDescending",
             }
-            for page in self._clients.pages(
+            for page in self.clients.pages(
                 "cloudwatch",
                 "get_metric_data",
                 "MetricDataResults",
