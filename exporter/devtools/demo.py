@@ -386,14 +386,12 @@ def _available(module: str) -> bool:
 
 
 def run_demo(listen_address: str, duration: float | None) -> int:
-    import asyncio
-
-    from exporter.config import ConfigError, parse
-    from exporter.daemon import Daemon, parse_listen_address
+    from exporter.config import ConfigError
+    from exporter.daemon import parse_listen_address
     from exporter.devtools.cluster import ClusterError
 
     try:
-        host, port = parse_listen_address(listen_address)
+        parse_listen_address(listen_address)
     except ValueError as exc:
         print(f"pgpressure: {exc}", file=sys.stderr)
         return 1
@@ -405,91 +403,110 @@ def run_demo(listen_address: str, duration: float | None) -> int:
             file=sys.stderr,
         )
         return 1
-
-    workdir = Path(tempfile.mkdtemp(prefix="pgpressure-demo-"))
-    os.chmod(workdir, 0o755)  # PostgreSQL runs as `postgres` when we are root
-    stop = threading.Event()
-    db: _Database | None = None
-    workload: Workload | None = None
-    aws: AwsEmulator | None = None
-    _say(f"pgpressure demo: temporary data in {workdir}")
+    demo = _Demo()
     try:
-        _say("starting a throwaway PostgreSQL ...")
-        db = _Database(workdir)
-        db.start()
-        _setup_database(db)
-
-        # The in-app client is its own distribution: without it the workload runs
-        # uninstrumented and the banner says how to add it.
-        ingest = _available("pgpressure_sqlalchemy")
-        if _available("moto"):
-            _say("starting the AWS emulator (moto) with RDS Proxy 'demo-proxy' ...")
-            aws = AwsEmulator(stop)
-            aws.start()
-        else:
-            _say(
-                "AWS emulator not installed (pip install 'moto[server]'): "
-                "skipping the RDS Proxy part."
-            )
-
-        config = parse(
-            _config_yaml(
-                db.url("pgpressure", "shop"),
-                os.cpu_count() or 2,
-                ingest,
-                aws.url if aws else None,
-            ),
-            "<demo config>",
-        )
-        # The address exactly as given: host None (":9188") means every interface.
-        daemon = Daemon(config, listen_address)
-        shown = _public_host(host)
-        base = f"http://{shown}:{port}"
-        endpoint = f"http://{'127.0.0.1' if shown == 'localhost' else shown}:{port}"
-
-        async def main() -> None:
-            nonlocal workload
-            loop = asyncio.get_running_loop()
-            serving = loop.create_task(daemon.run())
-            await asyncio.sleep(0.3)
-            if serving.done():
-                serving.result()  # e.g. the port is taken: raise now
-            # With --duration, every phase gets its turn within it.
-            phase_seconds = PHASE_SECONDS if duration is None else duration / len(PHASES)
-            workload = Workload(
-                db.url("shop", "shop", "postgresql+psycopg"),
-                endpoint if ingest else None,
-                stop,
-                max(3.0, min(PHASE_SECONDS, phase_seconds)),
-            )
-            workload.start()
-            _banner(base, db, workload, aws, duration)
-            if duration is not None:
-                loop.call_later(duration, daemon.stop)
-            await serving
-
-        try:
-            asyncio.run(main())
-        except OSError as exc:
-            print(f"pgpressure: cannot listen on {listen_address}: {exc}", file=sys.stderr)
-            return 1
+        demo.start_backends()
+        demo.serve(listen_address, duration)
         return 0
+    except OSError as exc:
+        print(f"pgpressure: cannot listen on {listen_address}: {exc}", file=sys.stderr)
+        return 1
     except (ClusterError, ConfigError) as exc:
         print(f"pgpressure demo: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 0
     finally:
+        demo.close()
+
+
+class _Demo:
+    """The demo's parts, each started at most once and all removed by close()."""
+
+    def __init__(self) -> None:
+        self.workdir = Path(tempfile.mkdtemp(prefix="pgpressure-demo-"))
+        os.chmod(self.workdir, 0o755)  # PostgreSQL runs as `postgres` when we are root
+        self.stop = threading.Event()
+        self.db: _Database | None = None
+        self.workload: Workload | None = None
+        self.aws: AwsEmulator | None = None
+        # The in-app client is its own distribution: without it the workload runs
+        # uninstrumented and the banner says how to add it.
+        self.instrumented = _available("pgpressure_sqlalchemy")
+        _say(f"pgpressure demo: temporary data in {self.workdir}")
+
+    def start_backends(self) -> None:
+        _say("starting a throwaway PostgreSQL ...")
+        self.db = _Database(self.workdir)
+        self.db.start()
+        _setup_database(self.db)
+        if _available("moto"):
+            _say(f"starting the AWS emulator (moto) with RDS Proxy '{PROXY}' ...")
+            self.aws = AwsEmulator(self.stop)
+            self.aws.start()
+        else:
+            _say(
+                "AWS emulator not installed (pip install 'moto[server]'): "
+                "skipping the RDS Proxy part."
+            )
+
+    def serve(self, listen_address: str, duration: float | None) -> None:
+        """The daemon in this thread's event loop, the workload once it listens."""
+        import asyncio
+
+        from exporter.config import parse
+        from exporter.daemon import Daemon, parse_listen_address
+
+        assert self.db is not None
+        yaml = _config_yaml(
+            self.db.url("pgpressure", "shop"),
+            os.cpu_count() or 2,
+            self.instrumented,
+            self.aws.url if self.aws else None,
+        )
+        # The address exactly as given: host None (":9188") means every interface.
+        daemon = Daemon(parse(yaml, "<demo config>"), listen_address)
+        host, port = parse_listen_address(listen_address)
+        shown = _public_host(host)
+        endpoint = f"http://{'127.0.0.1' if shown == 'localhost' else shown}:{port}"
+
+        async def main() -> None:
+            loop = asyncio.get_running_loop()
+            serving = loop.create_task(daemon.run())
+            await asyncio.sleep(0.3)
+            if serving.done():
+                serving.result()  # e.g. the port is taken: raise now
+            self.start_workload(endpoint, duration)
+            _banner(f"http://{shown}:{port}", self.db, self.workload, self.aws, duration)
+            if duration is not None:
+                loop.call_later(duration, daemon.stop)
+            await serving
+
+        asyncio.run(main())
+
+    def start_workload(self, endpoint: str, duration: float | None) -> None:
+        assert self.db is not None
+        # With --duration, every phase gets its turn within it.
+        phase_seconds = PHASE_SECONDS if duration is None else duration / len(PHASES)
+        self.workload = Workload(
+            self.db.url("shop", "shop", "postgresql+psycopg"),
+            endpoint if self.instrumented else None,
+            self.stop,
+            max(3.0, min(PHASE_SECONDS, phase_seconds)),
+        )
+        self.workload.start()
+
+    def close(self) -> None:
         _say("stopping the demo ...")
-        stop.set()
-        if workload is not None:
-            workload.join()
-        if aws is not None:
-            aws.close()
-        if db is not None:
-            db.destroy()
-        shutil.rmtree(workdir, ignore_errors=True)
-        _say(f"removed {workdir}")
+        self.stop.set()
+        if self.workload is not None:
+            self.workload.join()
+        if self.aws is not None:
+            self.aws.close()
+        if self.db is not None:
+            self.db.destroy()
+        shutil.rmtree(self.workdir, ignore_errors=True)
+        _say(f"removed {self.workdir}")
 
 
 def _banner(
