@@ -12,10 +12,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import ssl
 import sys
+from collections.abc import Callable
 
 from exporter import __version__, logs
-from exporter.config import ConfigError, load
+from exporter.config import Config, ConfigError, load
 from exporter.http.connlimit import DEFAULT_MAX_CONNECTIONS
 from exporter.redaction import redact
 
@@ -115,6 +117,21 @@ def _fail(message: str) -> int:
     return 1
 
 
+def _web_config(path: str, config: Config) -> tuple[ssl.SSLContext | None, list[Callable]]:
+    """(SSL context, middlewares) of the web config file; warns when basic auth is on and
+    the ingest endpoint, which it does not cover, has no token of its own."""
+    from exporter.http.webconfig import load_web_config
+
+    web = load_web_config(path)
+    ingest = config.ingest
+    if web.basic_auth and ingest.enabled and not ingest.bearer_token():
+        log.warning(
+            "basic_auth_users do not cover the ingest endpoint POST /api/v1/reports, "
+            "which has its own bearer token: set ingest.token"
+        )
+    return web.ssl_context, [web.middleware]
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(
         _argv_with_default_command(list(sys.argv[1:] if argv is None else argv))
@@ -140,18 +157,12 @@ def main(argv: list[str] | None = None) -> int:
 
     ssl_context, middlewares = None, []
     if args.web_config_file:
-        from exporter.http.webconfig import WebConfigError, has_basic_auth, load_web_config
+        from exporter.http.webconfig import WebConfigError
 
         try:
-            ssl_context, middlewares = load_web_config(args.web_config_file)
+            ssl_context, middlewares = _web_config(args.web_config_file, config)
         except WebConfigError as exc:
             return _fail(str(exc))
-        ingest = config.ingest
-        if has_basic_auth(middlewares) and ingest.enabled and not ingest.bearer_token():
-            log.warning(
-                "basic_auth_users do not cover the ingest endpoint POST /api/v1/reports, "
-                "which has its own bearer token: set ingest.token"
-            )
 
     from exporter.daemon import Daemon, parse_listen_address
 

@@ -197,6 +197,29 @@ def test_cli_refuses_unreadable_certificate_with_the_key_named(tmp_path: Path) -
     assert str(tmp_path / "nope.crt") in result.stderr  # relative to the web config file
 
 
+@pytest.mark.parametrize(
+    ("web_yaml", "ingest", "warned"),
+    [
+        (f"basic_auth_users: {{prometheus: {HASH}}}", "{enabled: true}", True),
+        (f"basic_auth_users: {{prometheus: {HASH}}}", "{enabled: true, token: t0ken-9c}", False),
+        (f"basic_auth_users: {{prometheus: {HASH}}}", "{enabled: false}", False),
+        ("http_server_config: {headers: {X-Frame-Options: deny}}", "{enabled: true}", False),
+    ],
+)
+def test_basic_auth_with_an_ingest_endpoint_that_has_no_token_is_warned_about(
+    tmp_path: Path, web_yaml: str, ingest: str, warned: bool
+) -> None:
+    """Basic auth does not cover POST /api/v1/reports: with it on and no ingest.token, the
+    scrapes are protected but anyone who reaches the daemon can push, so it says so."""
+    web_file = tmp_path / "web.yml"
+    web_file.write_text(web_yaml + "\n")
+    config = f"databases: []\ningest: {ingest}\n"
+    with run_daemon(config, "--web.config.file", str(web_file), wait_ready=False) as d:
+        d.wait_for(lambda: "msg=listening" in d.log())
+        log = d.log()
+    assert ("do not cover the ingest endpoint" in log) is warned
+
+
 # -- TLS and basic auth on the real daemon ---------------------------------------------------
 @pytest.fixture(scope="module")
 def secured(pki: Pki):

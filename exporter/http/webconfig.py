@@ -65,11 +65,12 @@ import bcrypt
 import yaml
 from aiohttp import web
 
+from exporter.ingest.wire import REPORTS_PATH
 from exporter.logs import kv
 
 log = logging.getLogger("pgpressure.webconfig")
 
-INGEST_PATH = "/api/v1/reports"
+INGEST_PATH = REPORTS_PATH  # POST here answers to the ingest bearer token, not basic auth
 RELOAD_CHECK_INTERVAL = 1.0  # seconds between mtime checks
 AUTH_CACHE_SIZE = 1024
 AUTH_CONCURRENCY = 2  # bcrypt checks running at once (cache misses)
@@ -187,15 +188,44 @@ def _path(value: Any, where: str, base: Path) -> Path:
 
 
 def _parse_tls(doc: dict, source: str, base: Path) -> TlsSettings | None:
+    """The TLS settings, or None without a certificate (no TLS, as in exporter-toolkit)."""
     _check_keys(doc, _TLS_KEYS, source, "tls_server_config.")
     w = f"{source}: tls_server_config"
+    if not _has_certificate(doc, w):
+        return None
+    auth, ca = _client_auth(doc, w)
+    min_version = _tls_version(doc, "min_version", w) or "TLS12"
+    max_version = _tls_version(doc, "max_version", w)
+    ciphers = _ciphers(doc.get("cipher_suites"), w)
+    sans = _allowed_sans(doc.get("client_allowed_sans"), auth, w)
+    return TlsSettings(
+        cert_file=_path(doc["cert_file"], f"{w}.cert_file", base),
+        key_file=_path(doc["key_file"], f"{w}.key_file", base),
+        client_ca_file=_path(ca, f"{w}.client_ca_file", base) if ca else None,
+        client_auth_type=auth,
+        min_version=min_version,
+        max_version=max_version,
+        ciphers=ciphers,
+        prefer_server_ciphers=bool(doc.get("prefer_server_cipher_suites", True)),
+        allowed_sans=sans,
+    )
+
+
+def _has_certificate(doc: dict, w: str) -> bool:
+    """Both cert_file and key_file, or neither and no other TLS key; else an error."""
     if not doc.get("cert_file") and not doc.get("key_file"):
         if any(doc.get(k) for k in _TLS_KEYS):
             raise WebConfigError(f"{w}.cert_file: required key is missing")
-        return None  # exporter-toolkit: no certificate, no TLS
+        return False
     for key in ("cert_file", "key_file"):
         if not doc.get(key):
             raise WebConfigError(f"{w}.{key}: required key is missing")
+    return True
+
+
+def _client_auth(doc: dict, w: str) -> tuple[str, Any]:
+    """(client_auth_type, client_ca_file): only the types that verify what they accept, each
+    with the CA it verifies against."""
     auth = doc.get("client_auth_type") or "NoClientCert"
     if auth in _UNVERIFIED_CLIENT_AUTH:
         raise WebConfigError(
@@ -216,39 +246,37 @@ def _parse_tls(doc: dict, source: str, base: Path) -> TlsSettings | None:
             f"{w}.client_auth_type: client_ca_file is set but client_auth_type is "
             "NoClientCert; set VerifyClientCertIfGiven or RequireAndVerifyClientCert"
         )
-    versions = {}
-    for key, default in (("min_version", "TLS12"), ("max_version", None)):
-        value = doc.get(key) or default
-        if value is not None and value not in _TLS_VERSIONS:
-            raise WebConfigError(
-                f"{w}.{key}: invalid value {value!r} (expected one of {', '.join(_TLS_VERSIONS)})"
-            )
-        versions[key] = value
-    ciphers = None
-    suites = doc.get("cipher_suites")
-    if suites:
-        if not isinstance(suites, list):
-            raise WebConfigError(f"{w}.cipher_suites: expected a list of cipher suite names")
-        unknown = [s for s in suites if s not in _CIPHERS]
-        if unknown:
-            raise WebConfigError(f"{w}.cipher_suites: unknown or unsupported suite {unknown[0]!r}")
-        ciphers = ":".join(_CIPHERS[s] for s in suites)
-    sans = doc.get("client_allowed_sans") or []
+    return auth, ca
+
+
+def _tls_version(doc: dict, key: str, w: str) -> str | None:
+    value = doc.get(key) or None
+    if value is not None and value not in _TLS_VERSIONS:
+        raise WebConfigError(
+            f"{w}.{key}: invalid value {value!r} (expected one of {', '.join(_TLS_VERSIONS)})"
+        )
+    return value
+
+
+def _ciphers(suites: Any, w: str) -> str | None:
+    """Go's suite names (what exporter-toolkit configs hold) as an OpenSSL cipher string."""
+    if not suites:
+        return None
+    if not isinstance(suites, list):
+        raise WebConfigError(f"{w}.cipher_suites: expected a list of cipher suite names")
+    unknown = [s for s in suites if s not in _CIPHERS]
+    if unknown:
+        raise WebConfigError(f"{w}.cipher_suites: unknown or unsupported suite {unknown[0]!r}")
+    return ":".join(_CIPHERS[s] for s in suites)
+
+
+def _allowed_sans(sans: Any, auth: str, w: str) -> tuple[str, ...]:
+    sans = sans or []
     if not isinstance(sans, list) or not all(isinstance(s, str) for s in sans):
         raise WebConfigError(f"{w}.client_allowed_sans: expected a list of names")
     if sans and auth == "NoClientCert":
         raise WebConfigError(f"{w}.client_allowed_sans: needs a client_auth_type that verifies")
-    return TlsSettings(
-        cert_file=_path(doc["cert_file"], f"{w}.cert_file", base),
-        key_file=_path(doc["key_file"], f"{w}.key_file", base),
-        client_ca_file=_path(ca, f"{w}.client_ca_file", base) if ca else None,
-        client_auth_type=auth,
-        min_version=versions["min_version"],
-        max_version=versions["max_version"],
-        ciphers=ciphers,
-        prefer_server_ciphers=bool(doc.get("prefer_server_cipher_suites", True)),
-        allowed_sans=tuple(sans),
-    )
+    return tuple(sans)
 
 
 _BCRYPT_HASH = re.compile(r"^\$2[aby]\$(0[4-9]|[12][0-9]|3[01])\$[./A-Za-z0-9]{53}$")
@@ -416,6 +444,11 @@ class WebConfig:
             self.ssl_context.sni_callback = self._sni_callback
         self.reloads = 0
 
+    @property
+    def basic_auth(self) -> bool:
+        """Whether requests must carry a user and password (a reload may change it)."""
+        return bool(self.settings.users)
+
     # -- loading and reloading -------------------------------------------------------------
     def _load(self) -> WebSettings:
         try:
@@ -548,8 +581,9 @@ class WebConfig:
         return response
 
 
-def load_web_config(path: str | Path) -> tuple[ssl.SSLContext | None, list[Callable]]:
-    """-> (SSL context for the listener or None, middlewares). Raises WebConfigError."""
+def load_web_config(path: str | Path) -> WebConfig:
+    """The web config of this file: its `ssl_context` for the listener (None without TLS),
+    its `middleware` for requests, and whether `basic_auth` is on. Raises WebConfigError."""
     config = WebConfig(path)
     log.info(
         "web config loaded",
@@ -560,11 +594,4 @@ def load_web_config(path: str | Path) -> tuple[ssl.SSLContext | None, list[Calla
             basic_auth_users=len(config.settings.users),
         ),
     )
-    return config.ssl_context, [config.middleware]
-
-
-def has_basic_auth(middlewares: list[Callable]) -> bool:
-    return any(
-        isinstance(getattr(m, "__self__", None), WebConfig) and m.__self__.settings.users
-        for m in middlewares
-    )
+    return config
