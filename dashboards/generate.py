@@ -4,7 +4,8 @@
     python dashboards/generate.py --check    # exit 1 if the committed JSON is out of date
 
 The dashboards are defined in the `gen` package next to this file, one module per dashboard.
-Every dashboard has a `datasource` variable and `job`, `target`, `app` and `proxy` variables
+Every dashboard asks for its Prometheus on import (`__inputs` DS_PROMETHEUS, also a data source
+variable so provisioned files work) and has `job`, `target`, `app` and `proxy` variables
 (multi-value, "All" = `.*`), so every query filters with `=~"$var"`. Every panel has a unit and
 a description that says how to read it. Queries use the metrics in exporter/metrics.py and the
 recording rules in alerts/pgpressure.rules.yml; tests/test_dashboards.py checks both, and that

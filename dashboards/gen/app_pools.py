@@ -35,18 +35,21 @@ def _capacity() -> list:
     return [
         timeseries(
             "Connections: used and idle vs max",
-            "Open connections by state, stacked, per pool; the dashed line is pool_size + "
-            "max_overflow summed over processes. Used reaching the line means the pool is "
-            "exhausted and new checkouts queue.",
+            "Open connections of each pool by state; the dashed line named after the pool is "
+            "its pool_size + max_overflow summed over the app's processes. Lines are not "
+            "stacked, so each pool is read against its own max: used reaching it means the "
+            "pool is exhausted and new checkouts queue.",
             "short",
             [
                 Q(
                     f"sum by (app, pool, state) (sqlalchemy_pool_connections{{{APP}}})",
                     f"{POOL} {{{{state}}}}",
                 ),
-                Q(f"sum by (app, pool) (sqlalchemy_pool_max_connections{{{APP}}})", "max"),
+                Q(
+                    f"sum by (app, pool) (sqlalchemy_pool_max_connections{{{APP}}})",
+                    f"{POOL} max",
+                ),
             ],
-            stack=True,
             lines=("max",),
         ),
         timeseries(
@@ -72,10 +75,17 @@ def _pressure() -> list:
         ),
         timeseries(
             "Checkout timeouts",
-            "Checkouts per second that raised the pool TimeoutError after pool_timeout. "
-            "Each is a failed request; fires SQLAlchemyPoolCheckoutTimeouts.",
-            "ops",
-            [Q(sum_rate("app, pool", "sqlalchemy_pool_timeouts_total", APP), POOL)],
+            "How many checkouts raised the pool TimeoutError after pool_timeout, per pool, "
+            "in the window before each bar (Grafana's rate interval): a count, not a rate, so "
+            "one timeout shows as 1. Each is a failed request; fires "
+            "SQLAlchemyPoolCheckoutTimeouts.",
+            "short",
+            [
+                Q(
+                    sum_rate("app, pool", "sqlalchemy_pool_timeouts_total", APP, "increase"),
+                    POOL,
+                )
+            ],
             w=8,
             bars=True,
         ),

@@ -20,10 +20,11 @@ def build() -> dict:
         "pg_stat_statements: load by wait event against vCPUs, sessions, blocking, old "
         "transactions, temp files and the statements behind them.",
         [
-            row("Load"),
+            # Stacked load and sessions are read against one server's vCPUs and
+            # max_connections, so this row is drawn once per selected database.
+            row("$target: load and sessions", repeat="target"),
             *_load(),
             *_load_breakdown(),
-            row("Sessions"),
             *_sessions(),
             *_old_transactions(),
             row("Temporary files and statements"),
@@ -41,14 +42,14 @@ def _load() -> list:
             "Average active sessions stacked by wait event type, like Performance "
             "Insights: CPU = running, Lock = blocked by another session, IO = reading or "
             "writing, Client = waiting for the app, LWLock = internal contention. The "
-            "dashed line is the vCPU count; load above it queues.",
+            "dashed line is this database's vCPU count; load above it queues.",
             "short",
             [
                 Q(
                     sum_rate("wait_event_type", "pg_active_session_seconds_total", PG),
                     "{{wait_event_type}}",
                 ),
-                Q(f"sum(pg_vcpus{{{PG}}})", "vCPUs"),
+                Q(f"max by (target) (pg_vcpus{{{PG}}})", "{{target}} vCPUs"),
             ],
             w=16,
             h=9,
@@ -57,7 +58,7 @@ def _load() -> list:
         ),
         stat(
             "Load per vCPU (5m)",
-            "AAS / vCPUs over 5m per target (recording rule). Above 100% for 10m fires "
+            "AAS / vCPUs of this database over 5m (recording rule). Above 100% for 10m fires "
             "PostgresLoadAboveVCPUs. Empty when databases[].vcpus is not configured.",
             "percentunit",
             Q(f"max(job_target:pg_active_session_seconds_per_vcpu:ratio_rate5m{{{PG}}})"),
@@ -105,13 +106,16 @@ def _sessions() -> list:
     return [
         timeseries(
             "Sessions by state vs max_connections",
-            "Client backends by state, stacked; the dashed line is max_connections. Many "
-            "idle sessions are open pool connections; above 80% of the line fires "
-            "PostgresConnectionsNearMax.",
+            "Client backends by state, stacked; the dashed line is this database's "
+            "max_connections. Many idle sessions are open pool connections; above 80% of the "
+            "line fires PostgresConnectionsNearMax.",
             "short",
             [
                 Q(f"sum by (state) (pg_sessions{{{PG}}})", "{{state}}"),
-                Q(f"sum(pg_max_connections{{{PG}}})", "max_connections"),
+                Q(
+                    f"max by (target) (pg_max_connections{{{PG}}})",
+                    "{{target}} max_connections",
+                ),
             ],
             w=8,
             stack=True,
@@ -220,7 +224,7 @@ def _mean_statement_time():
                 sum_rate(STATEMENT, "pg_statement_exec_seconds_total", PG)
                 + " / "
                 + sum_rate(STATEMENT, "pg_statement_calls_total", PG),
-                "{{datname}} {{queryid}}",
+                f"{DB} {{{{queryid}}}}",
             )
         ],
         w=24,

@@ -114,20 +114,17 @@ def _time() -> list:
             w=8,
         ),
         timeseries(
-            "Database load by wait event type",
-            "Average active sessions (AAS) stacked by what they wait on, like Performance "
-            "Insights; CPU means running. The dashed line is the vCPU count: load above it "
-            "queues. A growing Lock band means blocking, IO means reads or temp files.",
+            "Database load vs vCPUs by target",
+            "Average active sessions (AAS) of each database, with its vCPU count as a dashed "
+            "line of the same name (needs databases[].vcpus): load above its own line queues "
+            "for CPU or waits on locks/IO. What the sessions wait on is on the Database load "
+            "dashboard.",
             "short",
             [
-                Q(
-                    sum_rate("wait_event_type", "pg_active_session_seconds_total", PG),
-                    "{{wait_event_type}}",
-                ),
-                Q(f"sum(pg_vcpus{{{PG}}})", "vCPUs"),
+                Q(sum_rate("target", "pg_active_session_seconds_total", PG), "{{target}} load"),
+                Q(f"max by (target) (pg_vcpus{{{PG}}})", "{{target}} vCPUs"),
             ],
             w=8,
-            stack=True,
             lines=("vCPUs",),
         ),
     ]

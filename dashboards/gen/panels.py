@@ -1,6 +1,6 @@
 """Panel builders (grafana-foundation-sdk) with the conventions every pgpressure panel
-follows: the dashboard's data source, a unit, a description, a table legend, and capacity
-lines drawn dashed and unstacked so load can be read against them."""
+follows: the data source the import dialog asks for, a unit, a description, a table legend,
+and capacity lines drawn dashed and unstacked so load can be read against them."""
 
 from __future__ import annotations
 
@@ -16,7 +16,10 @@ from grafana_foundation_sdk.models.prometheus import PromQueryFormat
 
 from .queries import Q
 
-DS = dm.DataSourceRef(type_val="prometheus", uid="${datasource}")
+# The import dialog replaces ${DS_PROMETHEUS} with the Prometheus chosen there (`__inputs`);
+# in a provisioned file the datasource variable of the same name resolves it (board.py).
+DS_INPUT = "DS_PROMETHEUS"
+DS = dm.DataSourceRef(type_val="prometheus", uid=f"${{{DS_INPUT}}}")
 Steps = list[tuple[float | None, str]]
 GREEN: Steps = [(None, "green")]
 
@@ -93,7 +96,9 @@ def timeseries(
     min0: bool = True,
     bars: bool = False,
 ) -> tsb.Panel:
-    """A time series; `lines` are legend names drawn as dashed, unstacked capacity lines."""
+    """A time series; series whose legend ends with one of `lines` (" max", " vCPUs") are
+    drawn as dashed, unstacked capacity lines: one per app, database or proxy, each legend
+    naming whose capacity it is."""
     p = _timeseries_base(title, description, unit, w, h).fill_opacity(35 if stack else 10)
     if min0:
         p = p.min(0)
@@ -101,8 +106,8 @@ def timeseries(
         p = p.stacking(cb.StackingConfig().mode(cm.StackingMode.NORMAL))
     if bars:
         p = p.draw_style(cm.GraphDrawStyle.BARS)
-    for name in lines:
-        p = p.override_by_name(name, _capacity_line())
+    for suffix in lines:
+        p = p.override_by_regexp(f"/ {suffix}$/", _capacity_line())
     return _targets(p, queries)
 
 
@@ -147,5 +152,8 @@ def table(
     return _targets(p, queries, table=True)
 
 
-def row(title: str) -> db.Row:
-    return db.Row(title)
+def row(title: str, repeat: str | None = None) -> db.Row:
+    """A row; with `repeat`, the row and its panels are drawn once per value of that variable
+    (every selected database), so each copy shows one of them."""
+    r = db.Row(title)
+    return r.repeat(repeat) if repeat else r

@@ -42,7 +42,10 @@ def _connections() -> list:
                     by_proxy("rds_proxy_database_connections_currently_session_pinned"),
                     "{{proxy}} pinned",
                 ),
-                Q(by_proxy("rds_proxy_max_database_connections_allowed"), "max allowed"),
+                Q(
+                    by_proxy("rds_proxy_max_database_connections_allowed"),
+                    "{{proxy}} max allowed",
+                ),
             ],
             lines=("max allowed",),
         ),
@@ -98,14 +101,14 @@ def _pinning() -> list:
     return [
         timeseries(
             "Pinning reasons",
-            "Pinning events per second by reason, from the proxy's CloudWatch Logs: "
-            "session_settings (SET -> use SET LOCAL), prepared_statement, "
-            "temporary_object, advisory_lock, statement_too_large, sequence, listen, "
-            "cursor.",
-            "ops",
+            "How many sessions got pinned, by reason, in the window before each bar "
+            "(Grafana's rate interval): a count, not a rate. From the proxy's CloudWatch "
+            "Logs: session_settings (SET -> use SET LOCAL), prepared_statement, "
+            "temporary_object, advisory_lock, statement_too_large, sequence, listen, cursor.",
+            "short",
             [
                 Q(
-                    sum_rate("proxy, reason", "rds_proxy_pinning_events_total", PROXY),
+                    sum_rate("proxy, reason", "rds_proxy_pinning_events_total", PROXY, "increase"),
                     "{{proxy}} {{reason}}",
                 )
             ],
