@@ -1,9 +1,6 @@
-"""What we ship besides the code: Dockerfile, Kubernetes manifests, docs/metrics.md.
-
-The image itself is not built here (the test machines have no container engine); the
-Dockerfile is linted with hadolint. The Prometheus Operator CRD schemas are not vendored (they
-cannot be downloaded in the test environment), so ServiceMonitor and PrometheusRule are
-checked against small JSON schemas of the fields we use, strict about unknown keys.
+"""What we ship besides the code: the Dockerfile (linted with hadolint; the image is built
+and run by tests/test_image.py) and docs/metrics.md. The Kubernetes manifests are
+tests/test_kubernetes.py's.
 """
 
 from __future__ import annotations
@@ -16,24 +13,16 @@ import sys
 import threading
 from pathlib import Path
 
-import jsonschema
 import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from exporter.config import parse
 from exporter.devtools.daemon_process import run_daemon
 from exporter.metrics import CATALOGUE
 from tests.conftest import MONITOR_PASSWORD
 
 ROOT = Path(__file__).resolve().parents[1]
-K8S = ROOT / "deploy" / "kubernetes"
-BUILTIN = ["deployment", "service", "configmap", "secret.example", "serviceaccount"]
 CONFIG_PATH = "/etc/pgpressure/config.yaml"
-
-
-def _load(name: str) -> dict:
-    return yaml.safe_load((K8S / f"{name}.yaml").read_text())
 
 
 # --- Dockerfile --------------------------------------------------------------------------------
@@ -101,195 +90,6 @@ def test_dockerignore_keeps_the_build_context_small():
                 assert any(target == s or target.startswith(s + "/") for s in sources), (
                     f"{path.relative_to(ROOT)} links to {target}, which the Dockerfile leaves out"
                 )
-
-
-# --- Kubernetes ------------------------------------------------------------------------------
-def test_builtin_kinds_validate_against_the_kubernetes_schema():
-    tool = shutil.which("kubernetes-validate")
-    if tool is None:
-        pytest.skip("kubernetes-validate not installed")
-    files = [str(K8S / f"{name}.yaml") for name in BUILTIN]
-    result = subprocess.run([tool, "--strict", *files], capture_output=True, text=True)
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert result.stdout.count("passed") == len(files), result.stdout
-
-
-_META = {
-    "type": "object",
-    "required": ["name"],
-    "properties": {
-        "name": {"type": "string", "pattern": "^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"},
-        "namespace": {"type": "string"},
-        "labels": {"type": "object", "additionalProperties": {"type": "string"}},
-        "annotations": {"type": "object", "additionalProperties": {"type": "string"}},
-    },
-    "additionalProperties": False,
-}
-_DURATION = {"type": "string", "pattern": r"^(0|([0-9]+(ms|s|m|h|d|w|y))+)$"}
-
-
-def _monitoring_v1(kind: str, spec: dict) -> dict:
-    """The schema of a prometheus-operator object (monitoring.coreos.com/v1) of `kind`."""
-    return {
-        "type": "object",
-        "required": ["apiVersion", "kind", "metadata", "spec"],
-        "additionalProperties": False,
-        "properties": {
-            "apiVersion": {"const": "monitoring.coreos.com/v1"},
-            "kind": {"const": kind},
-            "metadata": _META,
-            "spec": spec,
-        },
-    }
-
-
-SERVICE_MONITOR_SCHEMA = _monitoring_v1(
-    "ServiceMonitor",
-    {
-        "type": "object",
-        "required": ["selector", "endpoints"],
-        "additionalProperties": False,
-        "properties": {
-            "selector": {
-                "type": "object",
-                "properties": {
-                    "matchLabels": {
-                        "type": "object",
-                        "additionalProperties": {"type": "string"},
-                    }
-                },
-                "additionalProperties": False,
-            },
-            "namespaceSelector": {"type": "object"},
-            "endpoints": {
-                "type": "array",
-                "minItems": 1,
-                "items": {
-                    "type": "object",
-                    "required": ["port"],
-                    "additionalProperties": False,
-                    "properties": {
-                        "port": {"type": "string"},
-                        "path": {"type": "string", "pattern": "^/"},
-                        "scheme": {"enum": ["http", "https"]},
-                        "interval": _DURATION,
-                        "scrapeTimeout": _DURATION,
-                        "honorLabels": {"type": "boolean"},
-                    },
-                },
-            },
-        },
-    },
-)
-
-_RULE = {
-    "type": "object",
-    "required": ["expr"],
-    "additionalProperties": False,
-    "oneOf": [{"required": ["alert"]}, {"required": ["record"]}],
-    "properties": {
-        "alert": {"type": "string", "pattern": "^[A-Za-z_][A-Za-z0-9_]*$"},
-        "record": {"type": "string", "pattern": "^[a-zA-Z_:][a-zA-Z0-9_:]*$"},
-        "expr": {"type": ["string", "integer"], "minLength": 1},
-        "for": _DURATION,
-        "keep_firing_for": _DURATION,
-        "labels": {"type": "object", "additionalProperties": {"type": "string"}},
-        "annotations": {"type": "object", "additionalProperties": {"type": "string"}},
-    },
-}
-PROMETHEUS_RULE_SCHEMA = _monitoring_v1(
-    "PrometheusRule",
-    {
-        "type": "object",
-        "required": ["groups"],
-        "additionalProperties": False,
-        "properties": {
-            "groups": {
-                "type": "array",
-                "minItems": 1,
-                "items": {
-                    "type": "object",
-                    "required": ["name", "rules"],
-                    "additionalProperties": False,
-                    "properties": {
-                        "name": {"type": "string", "minLength": 1},
-                        "interval": _DURATION,
-                        "rules": {"type": "array", "items": _RULE},
-                    },
-                },
-            }
-        },
-    },
-)
-
-
-def test_servicemonitor_matches_its_schema_and_the_service():
-    monitor = _load("servicemonitor")
-    jsonschema.validate(monitor, SERVICE_MONITOR_SCHEMA)
-    service = _load("service")
-    selector = monitor["spec"]["selector"]["matchLabels"]
-    assert selector.items() <= service["metadata"]["labels"].items()
-    ports = {p["name"] for p in service["spec"]["ports"]}
-    assert {e["port"] for e in monitor["spec"]["endpoints"]} <= ports
-
-
-def test_prometheusrule_matches_its_schema_and_every_alert_has_a_runbook():
-    rule = _load("prometheusrule")
-    jsonschema.validate(rule, PROMETHEUS_RULE_SCHEMA)
-    alerts = [r for g in rule["spec"]["groups"] for r in g["rules"] if "alert" in r]
-    assert len(alerts) >= 12
-    for alert in alerts:
-        assert {"summary", "description", "runbook_url"} <= alert["annotations"].keys()
-        assert alert["labels"]["severity"] in ("warning", "critical")
-
-
-def test_prometheusrule_is_generated_from_alerts():
-    result = subprocess.run(
-        [sys.executable, str(K8S / "generate.py"), "--check"], capture_output=True, text=True
-    )
-    assert result.returncode == 0, result.stderr
-    source = yaml.safe_load((ROOT / "alerts" / "pgpressure.rules.yml").read_text())
-    assert _load("prometheusrule")["spec"]["groups"] == source["groups"]
-
-
-def test_deployment_wiring():
-    deployment = _load("deployment")
-    pod = deployment["spec"]["template"]["spec"]
-    (container,) = pod["containers"]
-    assert deployment["spec"]["replicas"] == 1
-    assert container["livenessProbe"]["httpGet"]["path"] == "/-/healthy"
-    assert container["readinessProbe"]["httpGet"]["path"] == "/-/ready"
-    assert container["resources"]["requests"] and container["resources"]["limits"]["memory"]
-    security = container["securityContext"]
-    assert security["readOnlyRootFilesystem"] and not security["allowPrivilegeEscalation"]
-    assert security["capabilities"]["drop"] == ["ALL"]
-    assert pod["securityContext"]["runAsNonRoot"]
-    assert f"--config.file={CONFIG_PATH}" in container["args"]
-
-    volumes = {v["name"]: v for v in pod["volumes"]}
-    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
-    configmap, secret = _load("configmap"), _load("secret.example")
-    assert volumes["config"]["configMap"]["name"] == configmap["metadata"]["name"]
-    assert volumes["secrets"]["secret"]["secretName"] == secret["metadata"]["name"]
-    assert mounts["config"] == str(Path(CONFIG_PATH).parent)
-    assert "config.yaml" in configmap["data"]
-
-    # The configuration in the ConfigMap is valid, and every *_file it names is a key of the
-    # Secret under the Secret's mount path.
-    config = parse(configmap["data"]["config.yaml"], "configmap.yaml")
-    files = [d.password_file for d in config.databases if d.password_file]
-    files += [config.ingest.token_file] if config.ingest.token_file else []
-    assert files
-    for path in files:
-        assert str(path.parent) == mounts["secrets"], path
-        assert path.name in secret["stringData"], path
-
-
-def test_kustomization_lists_every_manifest_but_the_example_secret():
-    kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
-    listed = set(kustomization["resources"])
-    manifests = {p.name for p in K8S.glob("*.yaml")} - {"kustomization.yaml"}
-    assert listed == manifests - {"secret.example.yaml"}
 
 
 # --- docs/metrics.md -----------------------------------------------------------------------------
