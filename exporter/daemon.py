@@ -79,18 +79,17 @@ class Daemon:
             db_source = DatabaseSource(conn.config, conn, datnames)
             self.database_sources.append(db_source)
             self.sources.append(db_source)
-        self.apps = None
+        self.ingest = None
         if config.ingest.enabled:
-            from exporter.ingest.aggregator import AppsAggregator
+            from exporter.ingest import Ingest
 
-            self.apps = AppsAggregator(config.ingest)
-            self.sources.append(self.apps)
+            self.ingest = Ingest(config.ingest)
+            self.sources.append(self.ingest)
         if config.aws.rds_proxy.enabled:
             from exporter.aws.rds_proxy import RdsProxySource
 
             self.sources.append(RdsProxySource(config.aws))
         self.runners = [SourceRunner(s, self.store) for s in self.sources]
-        self.ingest_slots = asyncio.Semaphore(config.ingest.max_concurrent_requests)
         self._stop = asyncio.Event()
         self.bound_port: int | None = None
 

@@ -378,7 +378,7 @@ REPORTS = _spec(
     "counter",
     "Pushed app reports by result (accepted, or the reason they were refused).",
     ("result",),
-    producer="exporter.ingest.aggregator",
+    producer="exporter.ingest.results",
 )
 HTTP_CONNECTIONS_REFUSED = _spec(
     "pgpressure_http_connections_refused_total",

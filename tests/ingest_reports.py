@@ -1,7 +1,13 @@
-"""Reports as apps push them to POST /api/v1/reports, and a clock to drive the aggregator."""
+"""Reports as apps push them to the daemon, and the daemon's ingest driven in-process with a
+settable clock: pushes answered as the HTTP handler answers them, series as /metrics shows
+them."""
 
 from __future__ import annotations
 
+import json
+
+from exporter.config import IngestConfig
+from exporter.ingest import Ingest
 from pgpressure_sqlalchemy.wire import NBUCKETS, SCHEMA_VERSION
 
 
@@ -66,4 +72,35 @@ def report_doc(
         "sent_at": 1.0,
         "pools": pools if pools is not None else [pool_doc()],
         **extra,
+    }
+
+
+# -- driving the daemon's ingest room in-process ------------------------------------------------
+def make_ingest(**config) -> tuple[Ingest, Clock]:
+    """An `Ingest` as the daemon builds it, with `config` and a settable clock."""
+    clock = Clock()
+    return Ingest(IngestConfig(**config), clock=clock), clock
+
+
+def push(ingest: Ingest, body: bytes | dict) -> tuple[int, dict]:
+    """What the handler answers to an authorized push of `body` (a dict is sent as JSON)."""
+    if isinstance(body, dict):
+        body = json.dumps(body, allow_nan=True).encode()
+    return ingest.handler.receive(body)
+
+
+def values(ingest: Ingest) -> dict[tuple, float]:
+    """What /metrics shows of ingest now: (metric name, labels) -> value; histograms as
+    their count."""
+    out = {}
+    for s in ingest.samples():
+        v = s.value
+        out[(s.spec.name, s.labels)] = v.count if hasattr(v, "count") else v
+    return out
+
+
+def sums(ingest: Ingest) -> dict[tuple, float]:
+    """(metric name, labels) -> the sum of each histogram."""
+    return {
+        (s.spec.name, s.labels): s.value.sum for s in ingest.samples() if hasattr(s.value, "sum")
     }

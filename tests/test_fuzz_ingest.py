@@ -1,8 +1,8 @@
 """Fuzzing the ingest endpoint: random and hostile reports never cause a 500 or a crash,
 memory stays bounded, and refused reports leave the aggregates exactly as they were.
 
-Most examples go straight to `AppsAggregator.handle_report` (the code behind
-`POST /api/v1/reports`) for speed; the HTTP-level cases run against the real daemon.
+Most examples go straight to what the ingest handler does with an authorized push's body
+(`IngestHandler.receive`) for speed; the HTTP-level cases run against the real daemon.
 """
 
 from __future__ import annotations
@@ -26,9 +26,9 @@ from hypothesis import strategies as st
 from exporter import metrics as m
 from exporter.config import IngestConfig
 from exporter.devtools.daemon_process import run_daemon, slowest_scrape_while
-from exporter.ingest.aggregator import AppsAggregator
+from exporter.ingest import REPORTS_PATH, Ingest
 from pgpressure_sqlalchemy.wire import NBUCKETS
-from tests.ingest_reports import Clock, pool_doc, report_doc
+from tests.ingest_reports import make_ingest, pool_doc, push, report_doc
 
 OK_STATUSES = {200, 400, 401, 404, 408, 413, 415, 429, 503}
 TOKEN = "fuzz-ingest-token-123"
@@ -42,21 +42,13 @@ def report(app: str = "orders", proc: str = "h:1:1", seq: int = 1, pools=None) -
     return report_doc(app, proc, seq, pools if pools is not None else [pool()])
 
 
-def aggregates(agg: AppsAggregator) -> list:
-    """Everything /metrics would show from the aggregator except the refusal counters."""
-    return [s for s in agg.samples() if s.spec is not m.REPORTS]
+def aggregates(ingest: Ingest) -> list:
+    """Everything /metrics would show of ingest except the result counters."""
+    return [s for s in ingest.samples() if s.spec is not m.REPORTS]
 
 
-def seeded() -> tuple[AppsAggregator, Clock]:
-    clock = Clock()
-    agg = AppsAggregator(IngestConfig(), clock=clock)
-    return agg, clock
-
-
-async def push(agg: AppsAggregator, body: bytes | dict, auth: str | None = None):
-    if isinstance(body, dict):
-        body = json.dumps(body, allow_nan=True).encode()
-    return await agg.handle_report(body, auth)
+def seeded() -> Ingest:
+    return make_ingest()[0]
 
 
 # -- strategies ------------------------------------------------------------------------------
@@ -113,7 +105,7 @@ PATHS = [
 
 
 def _known_overflow(path: tuple, value) -> bool:
-    """apps.py turns an integer histogram sum into a float without catching OverflowError."""
+    """An integer histogram sum too large for a float: covered by its own test below."""
     return (
         path[-1] == "sum"
         and isinstance(value, int)
@@ -146,42 +138,40 @@ FUZZ = settings(
 # -- properties ------------------------------------------------------------------------------
 @FUZZ
 @given(doc=any_json)
-async def test_random_json_is_refused_cleanly(doc) -> None:
-    agg, _ = seeded()
-    await push(agg, report(proc="base", seq=1))
-    before = aggregates(agg)
-    status, answer = await agg.handle_report(dumps(doc), None)
+def test_random_json_is_refused_cleanly(doc) -> None:
+    ingest = seeded()
+    push(ingest, report(proc="base", seq=1))
+    before = aggregates(ingest)
+    status, answer = push(ingest, dumps(doc))
     assert (status in OK_STATUSES and status != 200) or answer.get("status") == "accepted"
     assert isinstance(answer, dict)
     json.dumps(answer)  # the answer is serialisable (aiohttp would 500 otherwise)
     if status != 200:
-        assert aggregates(agg) == before
+        assert aggregates(ingest) == before
 
 
 @FUZZ
 @given(raw=st.binary(max_size=300))
-async def test_random_bytes_are_refused_cleanly(raw: bytes) -> None:
-    agg, _ = seeded()
-    status, answer = await agg.handle_report(raw, None)
+def test_random_bytes_are_refused_cleanly(raw: bytes) -> None:
+    ingest = seeded()
+    status, answer = push(ingest, raw)
     assert status in OK_STATUSES - {200} or raw.strip().startswith(b"{")
     json.dumps(answer)
 
 
 @FUZZ
 @given(path=st.sampled_from(PATHS), value=hostile_values, seq=st.integers(2, 5))
-async def test_hostile_fields_never_change_the_aggregates(path, value, seq) -> None:
+def test_hostile_fields_never_change_the_aggregates(path, value, seq) -> None:
     """A valid process reports, then sends one hostile report: if refused, nothing changed;
     if accepted, the counters did not decrease and every value is finite and non-negative."""
     assume(not _known_overflow(path, value))  # covered by its own test below
-    agg, _ = seeded()
-    assert (await push(agg, report(proc="p1", seq=1)))[0] == 200
-    before = aggregates(agg)
-    status, answer = await agg.handle_report(
-        dumps(plant(report(proc="p1", seq=seq), path, value)), None
-    )
+    ingest = seeded()
+    assert (push(ingest, report(proc="p1", seq=1)))[0] == 200
+    before = aggregates(ingest)
+    status, answer = push(ingest, dumps(plant(report(proc="p1", seq=seq), path, value)))
     assert status in OK_STATUSES, (status, answer)
     json.dumps(answer)
-    after = aggregates(agg)
+    after = aggregates(ingest)
     if status != 200 or answer.get("status") != "accepted":
         assert after == before, answer
     for s in after:
@@ -200,20 +190,18 @@ async def test_hostile_fields_never_change_the_aggregates(path, value, seq) -> N
     pool_name=st.text(min_size=1, max_size=130),
     proc=st.text(min_size=1, max_size=130),
 )
-async def test_unicode_labels_are_accepted_or_refused_never_mangled(app, pool_name, proc) -> None:
-    agg, _ = seeded()
-    status, answer = await agg.handle_report(
-        dumps(report(app=app, proc=proc, pools=[pool(pool_name)])), None
-    )
+def test_unicode_labels_are_accepted_or_refused_never_mangled(app, pool_name, proc) -> None:
+    ingest = seeded()
+    status, answer = push(ingest, dumps(report(app=app, proc=proc, pools=[pool(pool_name)])))
     assert status in (200, 400), answer
     if status == 200:
-        labels = {s.labels[:2] for s in aggregates(agg) if s.spec is m.POOL_CHECKOUTS}
+        labels = {s.labels[:2] for s in aggregates(ingest) if s.spec is m.POOL_CHECKOUTS}
         assert labels == {(app, pool_name)}
         from exporter.core.render import Renderer
         from exporter.core.store import Store
 
         store = Store()
-        store.publish(("apps", ""), agg.samples())
+        store.publish(("apps", ""), ingest.samples())
         text = Renderer(store).render(openmetrics=False)
         from prometheus_client.parser import text_string_to_metric_families
 
@@ -253,33 +241,33 @@ HUGE = {
 
 
 @pytest.mark.parametrize("case", sorted(HUGE))
-async def test_hostile_reports_are_refused_and_leave_the_aggregates(case: str) -> None:
-    agg, _ = seeded()
-    assert (await push(agg, report(seq=1)))[0] == 200
-    before = aggregates(agg)
+def test_hostile_reports_are_refused_and_leave_the_aggregates(case: str) -> None:
+    ingest = seeded()
+    assert (push(ingest, report(seq=1)))[0] == 200
+    before = aggregates(ingest)
     body = HUGE[case] if isinstance(HUGE[case], bytes) else dumps(HUGE[case])
-    status, answer = await agg.handle_report(body, None)
+    status, answer = push(ingest, body)
     assert 400 <= status < 500, (case, status, answer)
     assert answer["status"] == "refused" and answer["reason"]
-    assert aggregates(agg) == before
-    assert (await push(agg, report(seq=3)))[0] == 200  # and the process can go on
+    assert aggregates(ingest) == before
+    assert (push(ingest, report(seq=3)))[0] == 200  # and the process can go on
 
 
-async def test_deep_nesting_is_refused_not_a_crash() -> None:
-    agg, _ = seeded()
+def test_deep_nesting_is_refused_not_a_crash() -> None:
+    ingest = seeded()
     for body in (b"[" * 100_000, b'{"a":' * 50_000, b'{"version": 1, "pools": ' + b"[" * 60_000):
-        status, answer = await agg.handle_report(body, None)
+        status, answer = push(ingest, body)
         assert status == 400, answer
 
 
-async def test_integer_sum_too_large_for_a_float_is_refused() -> None:
-    agg, _ = seeded()
-    assert (await push(agg, report(seq=1)))[0] == 200
-    before = aggregates(agg)
+def test_integer_sum_too_large_for_a_float_is_refused() -> None:
+    ingest = seeded()
+    assert (push(ingest, report(seq=1)))[0] == 200
+    before = aggregates(ingest)
     body = dumps(plant(report(seq=2), ("pools", 0, "wait", "sum"), 10**400))
-    status, _ = await agg.handle_report(body, None)
+    status, _ = push(ingest, body)
     assert status == 400
-    assert aggregates(agg) == before
+    assert aggregates(ingest) == before
 
 
 def _rss_self() -> int:
@@ -289,46 +277,48 @@ def _rss_self() -> int:
     raise AssertionError
 
 
-async def memory_workload() -> dict:
+def memory_workload() -> dict:
     """30,000 hostile pushes: 10,000 distinct apps, 10,000 distinct processes of one app each
     with max_pools_per_app pools (the worst case for memory), and one process with 10,000
     pool names."""
     config = IngestConfig()  # the defaults users run with
-    agg = AppsAggregator(config, clock=Clock())
-    await push(agg, report(app="warm-up", proc="w"))
+    ingest = Ingest(config)
+    push(ingest, report(app="warm-up", proc="w"))
     base = _rss_self()
     statuses: dict[int, int] = {}
 
-    async def count(doc: dict) -> None:
-        status, _ = await push(agg, doc)
+    def count(doc: dict) -> None:
+        status, _ = push(ingest, doc)
         statuses[status] = statuses.get(status, 0) + 1
 
     for i in range(10_000):
-        await count(report(app=f"app-{i}", proc=f"a{i}"))
+        count(report(app=f"app-{i}", proc=f"a{i}"))
     for i in range(10_000):
         pools = [pool(f"pool-{j}", n=i) for j in range(config.max_pools_per_app)]
-        await count(report(app="app-2", proc=f"proc-{i}", pools=pools))
+        count(report(app="app-2", proc=f"proc-{i}", pools=pools))
     for i in range(10_000):
-        await count(report(app="app-1", proc="a1", seq=i + 2, pools=[pool(f"x{i}")]))
-    samples = agg.samples()
+        count(report(app="app-1", proc="a1", seq=i + 2, pools=[pool(f"x{i}")]))
+    samples = ingest.samples()
+    pools_per_app: dict[str, set[str]] = {}
+    for x in samples:
+        if x.spec is m.POOL_CHECKOUTS:
+            pools_per_app.setdefault(x.labels[0], set()).add(x.labels[1])
     return {
         "statuses": statuses,
-        "apps": len(agg.apps),
-        "processes": len(agg.processes),
-        "max_pools": max(len(a.pools) for a in agg.apps.values()),
-        "pool_reports_held": sum(len(p.pools) for p in agg.processes.values()),
+        **ingest.status(),  # apps and processes aggregated
+        "apps_exported": len({x.labels[0] for x in samples if x.spec is m.APP_PROCESSES}),
+        "max_pools": max(len(p) for p in pools_per_app.values()),
         "samples": len(samples),
-        "labels_ok": {x.labels[0] for x in samples if x.spec is m.POOL_CHECKOUTS} <= set(agg.apps),
         "rss_growth_mib": (_rss_self() - base) / 2**20,
         "limits": [config.max_apps, config.max_processes, config.max_pools_per_app],
     }
 
 
 def test_ten_thousand_label_values_stay_capped_and_memory_bounded() -> None:
-    """Run in a fresh interpreter, so resident memory growth is the aggregator's own."""
+    """Run in a fresh interpreter, so resident memory growth is ingest's own."""
     code = (
-        "import asyncio, json; from tests.test_fuzz_ingest import memory_workload; "
-        "print(json.dumps(asyncio.run(memory_workload())))"
+        "import json; from tests.test_fuzz_ingest import memory_workload; "
+        "print(json.dumps(memory_workload()))"
     )
     root = Path(__file__).resolve().parent.parent
     out = subprocess.run(
@@ -343,7 +333,7 @@ def test_ten_thousand_label_values_stay_capped_and_memory_bounded() -> None:
     assert r["max_pools"] <= max_pools
     assert "500" not in r["statuses"]
     assert r["statuses"]["429"] > 0
-    assert r["labels_ok"]
+    assert r["apps_exported"] <= max_apps
     # Every series comes from (app, pool): bounded by the caps whatever was pushed.
     per_pool = 2 + 4 + 4 + 5  # counters, closed reasons, histograms, gauges
     assert r["samples"] <= max_apps * (1 + max_pools * per_pool) + 20
@@ -367,7 +357,7 @@ ingest:
 
 def post(d, body: bytes, headers: dict | None = None, timeout: float = 10) -> requests.Response:
     return requests.post(
-        d.url + "/api/v1/reports",
+        d.url + REPORTS_PATH,
         data=body,
         headers={"Authorization": f"Bearer {TOKEN}", **(headers or {})},
         timeout=timeout,
@@ -400,7 +390,7 @@ def test_http_hostile_bodies_never_500(daemon) -> None:
     }
     for name, body in bodies.items():
         if body is None:
-            r = requests.post(daemon.url + "/api/v1/reports", data=dumps(report(seq=9)), timeout=10)
+            r = requests.post(daemon.url + REPORTS_PATH, data=dumps(report(seq=9)), timeout=10)
             assert r.status_code == 401
             continue
         r = post(daemon, body)
@@ -428,7 +418,8 @@ def test_http_large_valid_report_split_across_segments_is_read_whole(daemon) -> 
     body = dumps(doc)
     with socket.create_connection(("127.0.0.1", int(daemon.url.rsplit(":", 1)[1]))) as s:
         s.sendall(
-            b"POST /api/v1/reports HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            f"POST {REPORTS_PATH} HTTP/1.1\r\nHost: x\r\n".encode()
+            + b"Content-Type: application/json\r\n"
             + f"Authorization: Bearer {TOKEN}\r\nContent-Length: {len(body)}\r\n"
             "Connection: close\r\n\r\n".encode()
         )
@@ -449,7 +440,7 @@ def test_http_concurrent_and_slow_pushes_do_not_block_scrapes(daemon) -> None:
     for _ in range(8):  # twice max_concurrent_requests, sending 1 byte a second
         s = socket.create_connection(("127.0.0.1", port))
         s.sendall(
-            b"POST /api/v1/reports HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n"
+            f"POST {REPORTS_PATH} HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n".encode()
             + f"Authorization: Bearer {TOKEN}\r\n\r\n{{".encode()
         )
         slow_socks.append(s)
@@ -496,7 +487,7 @@ def _open_push(port: int, token: str | None = None) -> socket.socket:
     """A push that sends its headers and one byte of a 100 kB body, then nothing more."""
     s = socket.create_connection(("127.0.0.1", port))
     auth = f"Authorization: Bearer {token}\r\n" if token else ""
-    head = f"POST /api/v1/reports HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n{auth}"
+    head = f"POST {REPORTS_PATH} HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n{auth}"
     s.sendall(f"{head}\r\n{{".encode())
     return s
 
@@ -513,10 +504,14 @@ def _status_line(s: socket.socket, timeout: float) -> bytes:
 def test_http_refusals_come_before_slots_and_are_all_counted() -> None:
     """Slow pushes without a token are refused with 401 from their headers alone: they never
     hold an ingest slot (with them, 2 slots would be taken for 10 s each). The route's own
-    refusals, 415, 503 and 408, are counted like every other."""
+    refusals, 415, 503 and 408, are counted like every other, and every result is exported
+    at 0 before the first push."""
     config = f"databases: []\ningest:\n  token: {TOKEN}\n  max_concurrent_requests: 2\n"
     with run_daemon(config) as d:
         port = int(d.url.rsplit(":", 1)[1])
+        d.wait_for(lambda: d.value("pgpressure_reports_total", result="accepted") == 0)
+        exported = {ls["result"]: v for ls, v in d.metrics()["pgpressure_reports_total"]}
+        assert len(exported) == 13 and set(exported.values()) == {0}, exported
         squatters = [_open_push(port) for _ in range(6)]
         for s in squatters:
             assert _status_line(s, 5) == b"HTTP/1.1 401 Unauthorized"

@@ -6,7 +6,6 @@ milliseconds while the database is down, which is when people look.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import html
 import time
@@ -16,6 +15,7 @@ from urllib.parse import urlsplit
 from aiohttp import web
 
 from exporter import __version__
+from exporter.ingest import REPORTS_PATH, reports_handler
 
 if TYPE_CHECKING:
     from exporter.daemon import Daemon
@@ -62,71 +62,6 @@ async def ready(request: web.Request) -> web.Response:
     if daemon.ready():
         return web.Response(text="pgpressure is ready.\n")
     return web.Response(status=503, text="pgpressure is starting: sources not tried yet.\n")
-
-
-INGEST_SLOT_WAIT = 2.0  # seconds a push may wait for a free ingest slot before a 503
-INGEST_READ_TIMEOUT = 10.0  # seconds a client gets to send a report body
-
-
-def _refused(answer: tuple[int, dict], **headers: str) -> web.Response:
-    """The JSON answer of a refusal the aggregator has counted (`AppsAggregator.refuse`)."""
-    status, body = answer
-    return web.json_response(body, status=status, headers=headers or None)
-
-
-async def _read_body(request: web.Request, limit: int) -> bytes:
-    """The body, or its first limit + 1 bytes: `content.read(n)` returns what has arrived so
-    far, which for a report spread over several TCP segments is only a part of it."""
-    chunks: list[bytes] = []
-    size = 0
-    while size <= limit:
-        chunk = await request.content.read(limit + 1 - size)
-        if not chunk:
-            break
-        chunks.append(chunk)
-        size += len(chunk)
-    return b"".join(chunks)
-
-
-async def reports(request: web.Request) -> web.Response:
-    """POST /api/v1/reports. Every refusal is counted in pgpressure_reports_total{result}."""
-    daemon = request.app[DAEMON]
-    apps = daemon.apps
-    if apps is None:
-        return web.json_response({"error": "ingest is disabled"}, status=404)
-    # The token first, from the headers alone: a push without one never takes an ingest
-    # slot nor gets INGEST_READ_TIMEOUT to send its body.
-    unauthorized = apps.authorize(request.headers.get("Authorization"))
-    if unauthorized is not None:
-        return _refused(unauthorized)
-    encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
-    if encoding not in ("", "identity"):
-        # Reports are small and sent uncompressed; inflating would let 1 MB on the wire
-        # become 1 GB of work on the event loop.
-        return _refused(
-            apps.refuse(415, "unsupported_encoding", "send reports without Content-Encoding")
-        )
-    # Bounded: at most max_concurrent_requests reports are read and aggregated at once, and
-    # a push waits a short while for a slot instead of queueing without limit.
-    slots = daemon.ingest_slots
-    try:
-        async with asyncio.timeout(INGEST_SLOT_WAIT):
-            await slots.acquire()
-    except TimeoutError:
-        busy = apps.refuse(503, "busy", "too many concurrent reports; retry")
-        return _refused(busy, **{"Retry-After": "5"})
-    try:
-        try:
-            async with asyncio.timeout(INGEST_READ_TIMEOUT):
-                # At most one byte past the limit: enough for the aggregator to refuse an
-                # oversized report with 413 without ever holding it in memory.
-                body = await _read_body(request, daemon.config.ingest.max_body_bytes)
-        except TimeoutError:
-            return _refused(apps.refuse(408, "timeout", "the report body was not received in time"))
-        status, doc = await apps.handle_report(body, request.headers.get("Authorization"))
-    finally:
-        slots.release()
-    return web.json_response(doc, status=status)
 
 
 async def pinning_risk(request: web.Request) -> web.Response:
@@ -205,10 +140,10 @@ async def landing(request: web.Request) -> web.Response:
     if others:
         sections.append(f"<h3>Daemon-wide sources</h3>\n<table>{header}{others}</table>")
 
-    if daemon.apps is None:
+    if daemon.ingest is None:
         processes, apps_note = "-", " (ingest disabled)"
     else:
-        processes, apps_note = daemon.apps.status().get("processes", 0), ""
+        processes, apps_note = daemon.ingest.live_processes(), ""
     page = f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>pgpressure</title>
 <meta name="viewport" content="width=device-width, initial-scale=1">
@@ -247,7 +182,7 @@ def build_app(daemon: Daemon, middlewares: list | None = None) -> web.Applicatio
             "max_field_size": 8190,  # bytes per header line
             "max_line_size": 8190,  # request line
             "max_headers": 128,
-            "auto_decompress": False,  # see reports(): no inflating of request bodies
+            "auto_decompress": False,  # no inflating of request bodies: see exporter.ingest.handler
             "keepalive_timeout": 75.0,  # idle keep-alive connections are not kept for an hour
         },
     )
@@ -256,6 +191,6 @@ def build_app(daemon: Daemon, middlewares: list | None = None) -> web.Applicatio
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/-/healthy", healthy)
     app.router.add_get("/-/ready", ready)
-    app.router.add_post("/api/v1/reports", reports)
+    app.router.add_post(REPORTS_PATH, reports_handler(daemon.ingest))
     app.router.add_get("/api/v1/pinning-risk", pinning_risk)
     return app
