@@ -24,11 +24,13 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
 
 from exporter import redaction
+from exporter.diagnosis.thresholds import Thresholds
 
 
 class ConfigError(Exception):
@@ -76,6 +78,38 @@ class StatementsConfig(_Strict):
     pinning_risk: bool = True
 
 
+def dsn_host(dsn: str) -> str | None:
+    """The DSN's host name (lower case); None for a socket path or several hosts."""
+    try:
+        host = urlsplit(dsn).hostname
+    except ValueError:
+        return None
+    return host if host and "," not in host and not host.startswith("/") else None
+
+
+class DatabaseAwsConfig(_Strict):
+    """The RDS or Aurora instance behind a target (`databases[].aws`): its vCPUs, AWS's own
+    load figure (DBLoad) and, for Aurora Serverless v2, its capacity. Without
+    `db_instance_identifier` the instance is found from the DSN's host; a cluster endpoint
+    follows the cluster's writer (or a reader, for the reader endpoint) across failovers.
+    Region and credentials are the top-level `aws:` block's; CloudWatch is read every
+    `aws.rds_proxy.interval`, `aws.rds_proxy.delay` late, in the same call as RDS Proxy."""
+
+    db_instance_identifier: str | None = None
+    discovery_interval: Duration = 300.0  # DescribeDBInstances: class changes, failovers
+    performance_insights: bool = True  # Serverless v2 vCPUs from PI's os.general.numVCPUs
+
+    @field_validator("db_instance_identifier")
+    @classmethod
+    def _rds_identifier(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(r"[A-Za-z][A-Za-z0-9-]{0,62}", value):
+            raise ValueError(
+                "not an RDS DB instance identifier (a letter, then up to 62 letters, digits "
+                "or hyphens)"
+            )
+        return value
+
+
 class DatabaseConfig(_Strict):
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.:-]+$")
     dsn: str = Field(min_length=1)
@@ -87,6 +121,23 @@ class DatabaseConfig(_Strict):
     lock_timeout: Duration = 0.5
     connect_timeout: Duration = 3.0
     max_datnames: int = Field(50, ge=1)
+    aws: DatabaseAwsConfig | None = None
+
+    @field_validator("aws")
+    @classmethod
+    def _aws_instance_can_be_found(
+        cls, aws: DatabaseAwsConfig | None, info: ValidationInfo
+    ) -> DatabaseAwsConfig | None:
+        dsn = info.data.get("dsn")
+        if aws is not None and not aws.db_instance_identifier and dsn and not dsn_host(dsn):
+            raise ValueError(
+                "the dsn names no single host to find the instance by: "
+                "set aws.db_instance_identifier"
+            )
+        return aws
+
+    def host(self) -> str | None:
+        return dsn_host(self.dsn)
 
     @field_validator("dsn")
     @classmethod
@@ -170,10 +221,21 @@ class AwsConfig(_Strict):
         return value
 
 
+class DiagnosisConfig(_Strict):
+    """The live rules (exporter.diagnosis): how often they run, over how much history."""
+
+    enabled: bool = True
+    interval: Duration = 15.0
+    window: Annotated[Duration, Field(ge=60.0, le=3600.0)] = 900.0
+    max_series: int = Field(50_000, ge=100)  # the history's bound
+    thresholds: Thresholds = Thresholds()
+
+
 class Config(_Strict):
     databases: list[DatabaseConfig] = []
     ingest: IngestConfig = IngestConfig()
     aws: AwsConfig = AwsConfig()
+    diagnosis: DiagnosisConfig = DiagnosisConfig()
 
     @model_validator(mode="after")
     def _unique_names(self) -> Config:
