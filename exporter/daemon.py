@@ -26,12 +26,13 @@ from exporter.config import Config
 from exporter.core.cardinality import LabelCap
 from exporter.core.render import Renderer
 from exporter.core.runner import SourceRunner
+from exporter.core.selfmetrics import SelfMetrics
 from exporter.core.source import Source
 from exporter.core.store import Store
 from exporter.http.connlimit import DEFAULT_MAX_CONNECTIONS, CappedSite
 from exporter.http.routes import build_app
+from exporter.http.status import DaemonStatus, SourceStatus, TargetStatus
 from exporter.logs import kv
-from exporter.metrics import HTTP_CONNECTIONS_REFUSED, Sample
 from exporter.postgres.activity import ActivitySource
 from exporter.postgres.connection import TargetConnection
 from exporter.postgres.database import DatabaseSource
@@ -63,12 +64,12 @@ class Daemon:
         self.config = config
         self.listen_address = listen_address
         self.max_connections = max_connections
-        self.http_connections_refused = 0
         self._refusal_logged_at = -math.inf
         self.ssl_context = ssl_context
         self.middlewares = middlewares or []
         self.store = Store()
-        self.renderer = Renderer(self.store)
+        self.own_series = SelfMetrics(self.store)
+        self.renderer = Renderer(self.store, self.own_series.samples)
         self.connections = [TargetConnection(db) for db in config.databases]
         self.sources: list[Source] = []
         self.database_sources: list[DatabaseSource] = []
@@ -97,22 +98,33 @@ class Daemon:
     def ready(self) -> bool:
         return all(r.attempts > 0 for r in self.runners)
 
-    def status(self) -> dict[str, object]:
-        sources = []
-        for runner in self.runners:
-            health = self.store.health(runner.key)
-            sources.append(
-                {
-                    "source": runner.key[0],
-                    "target": runner.key[1],
-                    "up": health.up,
-                    "attempts": runner.attempts,
-                    "last_success": health.last_success,
-                    "last_error": health.last_error,
-                    "status": runner.source.status(),
-                }
+    def status(self) -> DaemonStatus:
+        """Each target with its sources' state, the daemon-wide sources, the app processes."""
+        sources = [self._source_status(runner) for runner in self.runners]
+        targets = tuple(
+            TargetStatus(
+                db.name, db.dsn, db.vcpus, tuple(s for s in sources if s.target == db.name)
             )
-        return {"sources": sources}
+            for db in self.config.databases
+        )
+        names = {db.name for db in self.config.databases}
+        return DaemonStatus(
+            targets=targets,
+            daemon_wide=tuple(s for s in sources if s.target not in names),
+            app_processes=None if self.ingest is None else self.ingest.live_processes(),
+        )
+
+    def _source_status(self, runner: SourceRunner) -> SourceStatus:
+        health = self.store.health(runner.key)
+        return SourceStatus(
+            source=runner.key[0],
+            target=runner.key[1],
+            up=health.up,
+            attempts=runner.attempts,
+            last_success=health.last_success,
+            last_error=health.last_error,
+            details=runner.source.status(),
+        )
 
     def pinning_offenders(self) -> dict[str, list[dict]]:
         return {
@@ -130,12 +142,23 @@ class Daemon:
         for sig in (signal.SIGTERM, signal.SIGINT):
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.add_signal_handler(sig, self.stop)
+        runner = await self._serve()
+        scheduler = self._schedule(AsyncIOScheduler(event_loop=loop))
+        scheduler.start()
+        try:
+            await self._stop.wait()
+        finally:
+            log.info("shutting down")
+            scheduler.shutdown(wait=False)
+            await self._close(runner)
 
-        app = build_app(self, self.middlewares)
-        runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
+    async def _serve(self) -> web.AppRunner:
+        """Start answering HTTP on the listen address, connections capped."""
+        runner = web.AppRunner(
+            build_app(self, self.middlewares), access_log=None, shutdown_timeout=0.5
+        )
         await runner.setup()
         host, port = parse_listen_address(self.listen_address)
-        self._publish_http_connections_refused()  # 0 from the start, as counters should be
         site = CappedSite(
             runner,
             host,
@@ -153,8 +176,10 @@ class Daemon:
                 tls=self.ssl_context is not None,
             ),
         )
+        return runner
 
-        scheduler = AsyncIOScheduler(event_loop=loop)
+    def _schedule(self, scheduler: AsyncIOScheduler) -> AsyncIOScheduler:
+        """One interval job per source, first runs staggered."""
         start = datetime.now()
         for i, source_runner in enumerate(self.runners):
             interval = source_runner.source.interval
@@ -179,17 +204,11 @@ class Daemon:
                     interval=f"{interval:g}s",
                 ),
             )
-        scheduler.start()
-        try:
-            await self._stop.wait()
-        finally:
-            log.info("shutting down")
-            scheduler.shutdown(wait=False)
-            await self._close(runner)
+        return scheduler
 
     def _http_connection_refused(self) -> None:
         """Count a connection closed at the cap; say so in the log at most once a minute."""
-        self.http_connections_refused += 1
+        self.own_series.connection_refused()
         now = time.monotonic()
         if now - self._refusal_logged_at >= REFUSAL_LOG_EVERY:
             self._refusal_logged_at = now
@@ -197,14 +216,9 @@ class Daemon:
                 "refusing connections: too many open",
                 extra=kv(
                     max_connections=self.max_connections,
-                    refused_total=self.http_connections_refused,
+                    refused_total=self.own_series.http_connections_refused,
                 ),
             )
-        self._publish_http_connections_refused()
-
-    def _publish_http_connections_refused(self) -> None:
-        value = float(self.http_connections_refused)
-        self.store.publish(("http", ""), [Sample(HTTP_CONNECTIONS_REFUSED, (), value)])
 
     async def _close(self, runner: web.AppRunner) -> None:
         async def close_all() -> None:

@@ -343,35 +343,35 @@ BUILD_INFO = _spec(
     "gauge",
     "Always 1; the version label.",
     ("version",),
-    producer="exporter.core.render",
+    producer="exporter.core.selfmetrics",
 )
 SOURCE_UP = _spec(
     "pgpressure_source_up",
     "gauge",
     "1 if the source's last run succeeded, else 0.",
     ("source", "target"),
-    producer="exporter.core.render",
+    producer="exporter.core.selfmetrics",
 )
 SOURCE_LAST_SUCCESS = _spec(
     "pgpressure_source_last_success_timestamp_seconds",
     "gauge",
     "Unix time of the source's last successful run; values it exported date from then.",
     ("source", "target"),
-    producer="exporter.core.render",
+    producer="exporter.core.selfmetrics",
 )
 SOURCE_DURATION = _spec(
     "pgpressure_source_duration_seconds",
     "gauge",
     "Duration of the source's last run.",
     ("source", "target"),
-    producer="exporter.core.render",
+    producer="exporter.core.selfmetrics",
 )
 SOURCE_ERRORS = _spec(
     "pgpressure_source_errors_total",
     "counter",
     "Failed runs of the source (connection errors, timeouts, API errors).",
     ("source", "target"),
-    producer="exporter.core.render",
+    producer="exporter.core.selfmetrics",
 )
 REPORTS = _spec(
     "pgpressure_reports_total",
@@ -384,7 +384,7 @@ HTTP_CONNECTIONS_REFUSED = _spec(
     "pgpressure_http_connections_refused_total",
     "counter",
     "Connections closed on accept because --web.max-connections were already open.",
-    producer="exporter.daemon",
+    producer="exporter.core.selfmetrics",
 )
 CLOUDWATCH_METRICS_REQUESTED = _spec(
     "pgpressure_cloudwatch_metrics_requested_total",

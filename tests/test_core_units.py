@@ -14,8 +14,8 @@ from exporter import metrics as m
 from exporter.core.cardinality import OTHER, CappedCounters
 from exporter.core.deltas import CumulativeDeltas
 from exporter.core.render import Renderer
+from exporter.core.selfmetrics import SelfMetrics
 from exporter.core.store import Store
-from exporter.http.routes import _where
 from exporter.logs import JsonFormatter, LogfmtFormatter, kv
 from exporter.metrics import HistogramValue, Sample
 from exporter.redaction import RedactingFilter, redact, register
@@ -98,11 +98,26 @@ def test_redacting_filter_never_raises_on_a_library_s_bad_format_args():
     assert "pw-canary-456" not in record.getMessage()
 
 
-def test_landing_page_location_of_a_dsn():
-    assert _where("postgresql://u:pw@db.internal:6432/app") == "db.internal:6432/app"
-    assert _where("postgresql://u@h1:5432,h2:5433/app") == "h1:5432,h2:5433/app"  # multi-host
-    assert _where("postgresql://u@h:99999/app") == "h:99999/app"  # urllib refuses the port
-    assert _where("postgresql:///app") == "localhost:5432/app"
+def test_own_series_are_rendered_and_a_refused_connection_shows_at_the_next_scrape():
+    store = Store()
+    store.health(("activity", "a")).up = True
+    own = SelfMetrics(store)
+    renderer = Renderer(store, own.samples)
+
+    def values() -> dict[tuple[str, tuple], float]:
+        text = renderer.render().decode()
+        return {
+            (s.name, tuple(sorted(s.labels.items()))): s.value
+            for f in text_string_to_metric_families(text)
+            for s in f.samples
+        }
+
+    first = values()
+    assert first[("pgpressure_source_up", (("source", "activity"), ("target", "a")))] == 1.0
+    assert first[("pgpressure_http_connections_refused_total", ())] == 0.0  # there from 0
+    own.connection_refused()
+    own.connection_refused()
+    assert values()[("pgpressure_http_connections_refused_total", ())] == 2.0
 
 
 def test_renderer_merges_targets_and_renders_histograms_and_caches():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import html
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -93,3 +94,28 @@ ingest:
         assert secret not in dom
     assert "127.0.0.1" in dom  # the host is shown, only the credentials are not
     assert "monitor@" not in dom and "monitor:" not in dom
+
+
+def test_landing_page_shows_where_each_target_is_and_never_its_credentials():
+    """host:port/dbname of each DSN as the page shows it; multi-host DSNs and ports urllib
+    cannot parse as written; no user, no password, however the DSN is written."""
+    dsns = {
+        "plain": ("postgresql://u:Pw-canary-5f1e@db.invalid:6432/app", "db.invalid:6432/app"),
+        "multi": (
+            "postgresql://u:Pw-canary-5f1e@h1.invalid:5432,h2.invalid:5433/app",
+            "h1.invalid:5432,h2.invalid:5433/app",
+        ),
+        "odd-port": ("postgresql://u:Pw-canary-5f1e@h.invalid:99999/app", "h.invalid:99999/app"),
+        "no-host": ("postgresql:///app", "localhost:5432/app"),
+    }
+    targets = "".join(
+        f"\n  - name: {name}\n    dsn: {dsn}\n    connect_timeout: 1s"
+        for name, (dsn, _) in dsns.items()
+    )
+    with run_daemon(f"databases:{targets}\ningest: {{enabled: false}}\n") as daemon:
+        page = daemon.get("/").text
+    shown = dict(re.findall(r'id="target-([^"]+)">[^<]* <small>([^<]*)</small>', page))
+    assert shown == {name: location for name, (_, location) in dsns.items()}
+    assert "Pw-canary-5f1e" not in page
+    assert "u@" not in page and "u:" not in page
+    assert '<span id="processes">-</span> (ingest disabled)' in page

@@ -13,6 +13,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
+from exporter import __version__
 from exporter.devtools.aws_emulator import rds_proxy_only_config
 from exporter.devtools.daemon_process import run_daemon
 
@@ -103,6 +104,8 @@ def test_metrics_are_gzipped_when_the_scraper_accepts_it(pg):
         text = gzip.decompress(packed).decode()
         assert "# TYPE pg_activity_samples_total counter" in text
         assert "pgpressure_source_up{" in text
+        assert f'pgpressure_build_info{{version="{__version__}"}} 1.0' in text
+        assert "\npgpressure_http_connections_refused_total 0.0\n" in text  # there from 0
         for refused in (None, "identity", "gzip;q=0, identity"):
             encoding, plain = scrape(refused)
             assert encoding is None, refused

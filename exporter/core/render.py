@@ -16,10 +16,10 @@ from __future__ import annotations
 
 import gzip
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
-from exporter import __version__
 from exporter import metrics as m
+from exporter.core.selfmetrics import SelfMetrics
 from exporter.core.store import Snapshot, Store
 from exporter.metrics import HistogramValue, MetricSpec, Sample
 
@@ -92,21 +92,14 @@ def render_samples(samples: Iterable[Sample], scope: Scope) -> dict[str, str]:
     return {name: "".join(chunk) for name, chunk in lines.items()}
 
 
-def daemon_samples(store: Store) -> list[Sample]:
-    """The exporter's own series: build info and the health of every source."""
-    samples = [Sample(m.BUILD_INFO, (__version__,), 1.0)]
-    for key, h in store.healths():
-        samples.append(Sample(m.SOURCE_UP, key, 1.0 if h.up else 0.0))
-        samples.append(Sample(m.SOURCE_DURATION, key, h.last_duration))
-        samples.append(Sample(m.SOURCE_ERRORS, key, float(h.errors_total)))
-        if h.last_success is not None:
-            samples.append(Sample(m.SOURCE_LAST_SUCCESS, key, h.last_success))
-    return samples
-
-
 class Renderer:
-    def __init__(self, store: Store) -> None:
+    def __init__(
+        self, store: Store, own_series: Callable[[], Iterable[Sample]] | None = None
+    ) -> None:
+        """`own_series`: the exporter's own samples, built at each render (`SelfMetrics`);
+        a change in them must bump `store.version`, as every write to the store does."""
         self.store = store
+        self.own_series = own_series or SelfMetrics(store).samples
         # id(snapshot) -> (snapshot, rendered text by name); the snapshot is kept in the
         # tuple so its id cannot be reused while the entry exists.
         self._by_snapshot: dict[int, tuple[Snapshot, dict[str, str]]] = {}
@@ -131,7 +124,7 @@ class Renderer:
 
     def _render(self, openmetrics: bool) -> bytes:
         texts: dict[str, list[str]] = {}
-        for name, text in render_samples(daemon_samples(self.store), ()).items():
+        for name, text in render_samples(self.own_series(), ()).items():
             texts.setdefault(name, []).append(text)
         live: dict[int, tuple[Snapshot, dict[str, str]]] = {}
         for _, snap in self.store.snapshots():
