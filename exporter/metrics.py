@@ -132,6 +132,22 @@ POOL_CONNECTIONS_CLOSED = _spec(
     (*_POOL, "reason"),
     producer="exporter.ingest.aggregator",
 )
+POOL_EXHAUSTED_PROCESSES = _spec(
+    "sqlalchemy_pool_exhausted_processes",
+    "gauge",
+    "Live processes whose pool has every connection checked out while callers wait for one "
+    f"(a sum over processes hides one exhausted worker among idle ones); {_PUSH}.",
+    _POOL,
+    producer="exporter.ingest.aggregator",
+)
+POOL_BUSIEST_UTILISATION = _spec(
+    "sqlalchemy_pool_busiest_process_utilisation",
+    "gauge",
+    "Checked-out connections / the pool's maximum in the busiest live process (0 for an "
+    f"unbounded pool); {_PUSH}.",
+    _POOL,
+    producer="exporter.ingest.aggregator",
+)
 QUERY_DURATION_SECONDS = _spec(
     "sqlalchemy_query_duration_seconds",
     "histogram",
@@ -213,7 +229,41 @@ MAX_CONNECTIONS = _spec(
 VCPUS = _spec(
     "pg_vcpus",
     "gauge",
-    "vCPUs of the database server as configured (databases[].vcpus).",
+    "vCPUs of the database server, exported with the activity samples: source=config is "
+    "databases[].vcpus; source=aws, without it, is the RDS instance class's vCPUs (or, on "
+    "Aurora Serverless v2, Performance Insights' os.general.numVCPUs) read by the rds_instance "
+    "source.",
+    ("source",),
+    producer="exporter.postgres.activity",
+)
+APPLICATION_SESSIONS = _spec(
+    "pg_application_sessions",
+    "gauge",
+    f"Client backends by application_name (top-K plus other) at the last sample, {_ACT}.",
+    ("datname", "application_name"),
+    producer="exporter.postgres.holders",
+)
+APPLICATION_IDLE_IN_TRANSACTION_SECONDS = _spec(
+    "pg_application_idle_in_transaction_seconds",
+    "gauge",
+    "Longest time a session of the application_name has been idle in transaction, for the 5 "
+    f"longest, at the last sample, {_ACT}.",
+    ("datname", "application_name"),
+    producer="exporter.postgres.holders",
+)
+LOCK_BLOCKER_SECONDS = _spec(
+    "pg_lock_blocker_seconds",
+    "gauge",
+    "Age of the transaction of a session others wait on for a lock, by its application_name, "
+    f"for the 5 longest, at the last sample, {_ACT}.",
+    ("datname", "application_name"),
+    producer="exporter.postgres.holders",
+)
+RESERVED_CONNECTIONS = _spec(
+    "pg_reserved_connections",
+    "gauge",
+    "Connection slots ordinary roles cannot use (superuser_reserved_connections plus "
+    "reserved_connections on PostgreSQL 16+), read by the activity source.",
     producer="exporter.postgres.activity",
 )
 TEMP_BYTES = _spec(
@@ -336,6 +386,116 @@ RDS_PROXY_PINNING_EVENTS = _spec(
     ("proxy", "reason"),
     producer="exporter.aws.rds_proxy",
 )
+RDS_PROXY_WOULD_PIN_EVENTS = _spec(
+    "rds_proxy_pinning_would_pin_events_total",
+    "counter",
+    "Lines in the proxy's CloudWatch Logs warning that a prepared statement would pin the "
+    "session if it ran, by reason. Warnings, not pins.",
+    ("proxy", "reason"),
+    producer="exporter.pinning.log_totals",
+)
+RDS_PROXY_PINNING_LOGS_SILENT = _spec(
+    "rds_proxy_pinning_logs_silent",
+    "gauge",
+    "1 if the proxy reports pinned connections but its log group has had no pinning lines for "
+    "24 hours (enhanced logging turns itself off after 24 hours), else 0.",
+    ("proxy",),
+    producer="exporter.pinning.log_totals",
+)
+
+# --- RDS and Aurora instances (databases[].aws; every sample also gets the `target` label) --
+_RDS = (
+    "read from CloudWatch (AWS/RDS, DBInstanceIdentifier) by the rds_instance source, "
+    "shifted by aws.rds_proxy.delay"
+)
+_DBLOAD = "AWS publishes it only with Performance Insights on; a minute without is 0"
+RDS_INSTANCE_INFO = _spec(
+    "aws_rds_instance_info",
+    "gauge",
+    "Always 1: the RDS instance a target is on, its class, its Aurora cluster and role "
+    "(writer, reader, or instance outside a cluster), from DescribeDBInstances.",
+    ("db_instance", "db_instance_class", "db_cluster", "role"),
+    producer="exporter.aws.rds_instances",
+)
+RDS_DB_LOAD = _spec(
+    "aws_rds_db_load",
+    "gauge",
+    f"DBLoad (Average): AWS's average active sessions, {_RDS}. {_DBLOAD}.",
+    ("db_instance",),
+    producer="exporter.aws.rds_instances",
+)
+RDS_DB_LOAD_CPU = _spec(
+    "aws_rds_db_load_cpu",
+    "gauge",
+    f"DBLoadCPU (Average): active sessions on CPU, {_RDS}. {_DBLOAD}.",
+    ("db_instance",),
+    producer="exporter.aws.rds_instances",
+)
+RDS_DB_LOAD_NON_CPU = _spec(
+    "aws_rds_db_load_non_cpu",
+    "gauge",
+    f"DBLoadNonCPU (Average): active sessions waiting, {_RDS}. {_DBLOAD}.",
+    ("db_instance",),
+    producer="exporter.aws.rds_instances",
+)
+RDS_DB_LOAD_RELATIVE_TO_VCPUS = _spec(
+    "aws_rds_db_load_relative_to_num_vcpus",
+    "gauge",
+    f"DBLoadRelativeToNumVCPUs (Average): DBLoad per vCPU, {_RDS}. {_DBLOAD}.",
+    ("db_instance",),
+    producer="exporter.aws.rds_instances",
+)
+RDS_CPU_UTILIZATION = _spec(
+    "aws_rds_cpu_utilization_ratio",
+    "gauge",
+    f"CPUUtilization (Average) as a ratio (0-1), {_RDS}.",
+    ("db_instance",),
+    producer="exporter.aws.rds_instances",
+)
+RDS_DATABASE_CONNECTIONS = _spec(
+    "aws_rds_database_connections",
+    "gauge",
+    f"DatabaseConnections (Average), {_RDS}.",
+    ("db_instance",),
+    producer="exporter.aws.rds_instances",
+)
+RDS_FREEABLE_MEMORY = _spec(
+    "aws_rds_freeable_memory_bytes",
+    "gauge",
+    f"FreeableMemory (Average), {_RDS}.",
+    ("db_instance",),
+    producer="exporter.aws.rds_instances",
+)
+RDS_SERVERLESS_CAPACITY = _spec(
+    "aws_rds_serverless_database_capacity_acus",
+    "gauge",
+    f"ServerlessDatabaseCapacity (Average) in ACUs, Aurora Serverless v2 only, {_RDS}.",
+    ("db_instance",),
+    producer="exporter.aws.rds_instances",
+)
+RDS_ACU_UTILIZATION = _spec(
+    "aws_rds_acu_utilization_ratio",
+    "gauge",
+    f"ACUUtilization (Average) as a ratio (0-1) of the maximum ACUs, Serverless v2 only, {_RDS}.",
+    ("db_instance",),
+    producer="exporter.aws.rds_instances",
+)
+RDS_SERVERLESS_MIN_ACUS = _spec(
+    "aws_rds_serverless_min_capacity_acus",
+    "gauge",
+    "The cluster's Serverless v2 MinCapacity in ACUs (DescribeDBClusters), read by the "
+    "rds_instance source.",
+    ("db_instance",),
+    producer="exporter.aws.rds_instances",
+)
+RDS_SERVERLESS_MAX_ACUS = _spec(
+    "aws_rds_serverless_max_capacity_acus",
+    "gauge",
+    "The cluster's Serverless v2 MaxCapacity in ACUs (DescribeDBClusters), read by the "
+    "rds_instance source.",
+    ("db_instance",),
+    producer="exporter.aws.rds_instances",
+)
 
 # --- the exporter itself -------------------------------------------------------------------
 BUILD_INFO = _spec(
@@ -389,6 +549,17 @@ HTTP_CONNECTIONS_REFUSED = _spec(
 CLOUDWATCH_METRICS_REQUESTED = _spec(
     "pgpressure_cloudwatch_metrics_requested_total",
     "counter",
-    "Metric queries sent to CloudWatch GetMetricData (what AWS bills for).",
-    producer="exporter.aws.rds_proxy",
+    "Metric queries sent to CloudWatch GetMetricData (what AWS bills for), counted for the "
+    "source that asked for them (rds_proxy, or rds_instance with its target).",
+    producer="exporter.aws.cloudwatch",
+)
+
+# --- diagnosis ----------------------------------------------------------------------------
+FINDING = _spec(
+    "pgpressure_finding",
+    "gauge",
+    "1 for each finding of the diagnosis rules at their last evaluation; its numbers, cause "
+    "and fix are at /api/v1/findings. Subject labels a rule does not use are empty.",
+    ("rule", "severity", "target", "datname", "app", "pool", "proxy"),
+    producer="exporter.diagnosis.engine",
 )

@@ -94,6 +94,51 @@ async def test_departed_process_is_folded_in_and_leaves_the_gauges():
     assert v[("sqlalchemy_app_processes", ("orders",))] == 0
 
 
+async def test_a_leaving_process_is_folded_at_once_and_its_gauges_leave():
+    """gunicorn --max-requests recycles workers: each says it is leaving, so idle and max
+    track the live workers instead of climbing until stale_after (5 processes grew to 33)."""
+    ingest, clock = make(stale_after=30)
+    for proc in ("w1", "w2"):
+        push(ingest, report(proc=proc, pools=[pool_doc(checkouts=10, used=1, idle=2)]))
+    status, _ = push(
+        ingest, report(proc="w1", seq=2, leaving=True, pools=[pool_doc(checkouts=15, idle=3)])
+    )
+    assert status == 200
+    v = values(ingest)
+    key = ("orders", "default")
+    assert v[("sqlalchemy_app_processes", ("orders",))] == 1
+    assert v[("sqlalchemy_pool_connections", (*key, "idle"))] == 2  # w2's only
+    assert v[("sqlalchemy_pool_max_connections", key)] == 15
+    assert v[("sqlalchemy_pool_checkouts_total", key)] == 25  # w1's last counts kept
+    # a late duplicate of the leaver's earlier report does not bring it back
+    push(ingest, report(proc="w1", seq=1, pools=[pool_doc(checkouts=10, used=1, idle=2)]))
+    assert values(ingest)[("sqlalchemy_app_processes", ("orders",))] == 1
+    clock.now += 5
+    assert values(ingest)[("sqlalchemy_pool_checkouts_total", key)] == 25
+
+
+async def test_one_exhausted_process_among_idle_ones_is_visible():
+    """uvicorn --workers 2, pool 3 + 2 each: one worker has 5 of 5 in use and 35 callers
+    waiting, the other is idle; the sum says 5 of 10."""
+    ingest, _ = make()
+    busy = pool_doc(used=5, idle=0, pending=35, size=3, maximum=5)
+    idle = pool_doc(used=0, idle=1, pending=0, size=3, maximum=5)
+    push(ingest, report(proc="u1", pools=[busy]))
+    push(ingest, report(proc="u2", pools=[idle]))
+    v = values(ingest)
+    key = ("orders", "default")
+    assert v[("sqlalchemy_pool_connections", (*key, "used"))] == 5
+    assert v[("sqlalchemy_pool_max_connections", key)] == 10
+    assert v[("sqlalchemy_pool_exhausted_processes", key)] == 1
+    assert v[("sqlalchemy_pool_busiest_process_utilisation", key)] == 1.0
+    # all in use but nobody waiting is not exhausted; an unbounded pool never is
+    push(ingest, report(proc="u1", seq=2, pools=[pool_doc(used=5, pending=0, maximum=5)]))
+    push(ingest, report(proc="u2", seq=2, pools=[pool_doc(used=9, pending=3, maximum=None)]))
+    v = values(ingest)
+    assert v[("sqlalchemy_pool_exhausted_processes", key)] == 0
+    assert v[("sqlalchemy_pool_busiest_process_utilisation", key)] == 1.0
+
+
 async def test_process_starting_over_does_not_decrease_counters():
     ingest, _ = make()
     push(ingest, report(seq=1, pools=[pool_doc(checkouts=100)]))

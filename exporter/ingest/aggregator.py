@@ -108,6 +108,10 @@ class IngestAggregator:
         self._update(proc, app, pools, now)
         proc.seq = report.seq
         proc.stale_after = self._staleness(report.interval)
+        if report.leaving:
+            # An exiting process (a recycled worker) stops counting now, not after
+            # stale_after: its counters are folded in and its gauges leave the sums.
+            self._depart(key, proc, now)
         doc: dict[str, Any] = {"status": "accepted", "pools": len(pools)}
         if refused:
             doc["refused_pools"] = refused
@@ -285,7 +289,11 @@ def _pool_samples(app: str, pool: str, totals: Totals, reports: list[PoolReport]
 
 
 def _gauges(labels: tuple[str, str], reports: list[PoolReport]) -> list[Sample]:
-    """Summed over the live processes; an unbounded pool makes the maximum infinite."""
+    """Summed over the live processes; an unbounded pool makes the maximum infinite. A sum
+    hides one exhausted process among idle ones (one uvicorn worker with every connection in
+    use and callers waiting, the other idle: 5 of 10 used), so the processes that are
+    exhausted and the busiest one's utilisation are exported too, without a per-process
+    label."""
     out = [
         Sample(m.POOL_CONNECTIONS, (*labels, "used"), float(sum(p.used for p in reports))),
         Sample(m.POOL_CONNECTIONS, (*labels, "idle"), float(sum(p.idle for p in reports))),
@@ -296,7 +304,20 @@ def _gauges(labels: tuple[str, str], reports: list[PoolReport]) -> list[Sample]:
         out.append(Sample(m.POOL_SIZE, labels, float(sum(sizes))))
     maxima = [math.inf if p.max is None else float(p.max) for p in reports]
     out.append(Sample(m.POOL_MAX_CONNECTIONS, labels, sum(maxima)))
+    exhausted = sum(1 for p in reports if _exhausted(p))
+    out.append(Sample(m.POOL_EXHAUSTED_PROCESSES, labels, float(exhausted)))
+    out.append(Sample(m.POOL_BUSIEST_UTILISATION, labels, max(map(_utilisation, reports))))
     return out
+
+
+def _exhausted(p: PoolReport) -> bool:
+    """Every connection the pool may open is checked out and callers wait for one."""
+    return p.max is not None and p.max > 0 and p.used >= p.max and p.pending > 0
+
+
+def _utilisation(p: PoolReport) -> float:
+    """Checked out / the pool's maximum; 0 for an unbounded or not yet used pool."""
+    return p.used / p.max if p.max else 0.0
 
 
 def _histogram(counts: list[float], total: float) -> HistogramValue:

@@ -86,6 +86,7 @@ class Report(_Model):
     seq: Count
     interval: Seconds | None = None  # the process's push interval; older clients omit it
     pools: list[PoolReport] = Field(max_length=MAX_POOLS_PER_REPORT)
+    leaving: bool = False  # the process's last report (it is exiting): fold it in at once
 
     @field_validator("pools")
     @classmethod
