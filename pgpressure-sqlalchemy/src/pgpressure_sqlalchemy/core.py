@@ -70,8 +70,36 @@ def _name(value: str) -> str:
     return _CONTROL.sub("", value).strip()[:MAX_NAME_LENGTH] or "default"
 
 
-def _default_app() -> str:
-    return os.path.basename(sys.argv[0] or "") or "python"
+# Servers that run someone else's code: their binary's name says nothing about the service.
+_SERVERS = frozenset(
+    {"gunicorn", "uvicorn", "hypercorn", "daphne", "granian", "celery", "waitress-serve",
+     "uwsgi", "rq", "dramatiq", "huey_consumer", "python", "python3"}
+)  # fmt: skip
+
+
+def _default_app(argv: list[str] | None = None) -> str:
+    """The service's own name where the command line says it, never the bare server binary
+    (every service under gunicorn would be one app called "gunicorn"): gunicorn's
+    `-n/--name` (its proc_name), Celery's `-A/--app`, the module of the WSGI/ASGI app
+    (`orders.wsgi:application` -> `orders`), the package run with `python -m`, else the
+    script's name."""
+    argv = list(sys.argv if argv is None else argv)
+    program = os.path.basename(argv[0] or "") if argv else ""
+    if program == "__main__.py":  # python -m package
+        return os.path.basename(os.path.dirname(argv[0])) or "python"
+    if program.removesuffix(".py") not in _SERVERS:
+        return program.removesuffix(".py") or "python"
+    args = argv[1:]
+    for i, arg in enumerate(args):
+        for flag in ("-n", "--name", "-A", "--app"):
+            if arg == flag and i + 1 < len(args):
+                return args[i + 1].split(":")[0].split(".")[0]
+            if arg.startswith(f"{flag}=") and flag.startswith("--"):
+                return arg.split("=", 1)[1].split(":")[0].split(".")[0]
+    for arg in args:
+        if ":" in arg and not arg.startswith("-") and "/" not in arg:
+            return arg.split(":")[0].split(".")[0]  # the app's module: orders.wsgi:app
+    return program.removesuffix(".py")
 
 
 def _endpoint(endpoint: str) -> str:
@@ -124,13 +152,14 @@ def instrument(
     token: str | None = None,
     interval: float | None = None,
     statements: bool = True,
-    application_name: bool | str = False,
+    application_name: bool | str = True,
 ) -> Instrumentation:
     """Instrument an `Engine` or `AsyncEngine` and start pushing its pool stats.
 
-    `statements=False` skips statement timing. `application_name=True` tags new connections
-    with the app name (or with the given string) unless the URL already sets one, so
-    pg_stat_activity can be joined to the app.
+    `statements=False` skips statement timing. New connections are tagged with the app name
+    as PostgreSQL's `application_name` (or with the given string) unless the URL or
+    connect_args already set one, so pg_stat_activity, the runbooks' queries and the load by
+    application can be joined to the app; `application_name=False` opts out.
     """
     sync = getattr(engine, "sync_engine", engine)
     with _lock:

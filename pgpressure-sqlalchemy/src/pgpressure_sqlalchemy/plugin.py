@@ -41,7 +41,7 @@ class PgPressurePlugin(CreateEnginePlugin):
         try:
             from pgpressure_sqlalchemy.core import instrument
 
-            app_name = str(opts.get("application_name", "")).lower()
+            app_name = str(opts.get("application_name", "1")).lower()
             instrument(
                 engine,
                 app=opts.get("app"),

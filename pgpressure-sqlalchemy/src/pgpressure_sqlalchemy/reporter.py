@@ -18,6 +18,7 @@ import contextlib
 import json
 import logging
 import os
+import signal
 import socket
 import threading
 import time
@@ -80,12 +81,14 @@ class Reporter:
         self._retired: dict[tuple[str, str | None, str, str], PoolStats] = {}
         self._failing: dict[str, str] = {}  # endpoint -> why its last push failed
         self._round_failed = False
+        self._left = False
         self._seq = 0
 
     # -- registrations ----------------------------------------------------------------------
     def add(self, reg: Registration) -> None:
         with self._lock:
             self._regs.append(reg)
+        self.watch_sigterm()
         self._ensure_thread()
         self._wake.set()  # a shorter interval takes effect now, not after the current wait
 
@@ -108,15 +111,22 @@ class Reporter:
             parts = [(r.key, r.stats) for r in alive] + list(self._retired.items())
         by_pool: dict[tuple[str, str | None, str, str], list[dict[str, Any]]] = {}
         for key, stats in parts:
-            by_pool.setdefault(key, []).append(stats.raw_snapshot(key[3]))
+            snapshot = stats.raw_snapshot(key[3])
+            if not _in_use(snapshot):
+                continue  # e.g. gunicorn's --preload master: it made the engine, never used it
+            by_pool.setdefault(key, []).append(snapshot)
         groups: dict[tuple[str, str | None, str], list[dict[str, Any]]] = {}
         for (endpoint, token, app, _), docs in by_pool.items():
             groups.setdefault((endpoint, token, app), []).append(merge_snapshots(docs))
         return groups
 
     # -- pushing ----------------------------------------------------------------------------
-    def push_all(self, timeout: float = PUSH_TIMEOUT, quiet: bool = False) -> dict[str, int | None]:
-        """Push one snapshot per (endpoint, app); returns endpoint -> HTTP status (None: down)."""
+    def push_all(
+        self, timeout: float = PUSH_TIMEOUT, quiet: bool = False, leaving: bool = False
+    ) -> dict[str, int | None]:
+        """Push one snapshot per (endpoint, app); returns endpoint -> HTTP status (None: down).
+        `leaving` marks this process's last report, so the daemon folds its counters and drops
+        its gauges at once instead of counting it until it goes stale."""
         results: dict[str, int | None] = {}
         if not self._push_lock.acquire(timeout=timeout * 2):
             return results
@@ -137,6 +147,8 @@ class Reporter:
                     "sent_at": time.time(),
                     "pools": pools[:MAX_POOLS_PER_REPORT],
                 }
+                if leaving:
+                    doc["leaving"] = True
                 status, why = self._post(endpoint, token, json.dumps(doc).encode(), timeout)
                 results[endpoint] = status
                 self._note(endpoint, status, why, quiet)
@@ -213,28 +225,48 @@ class Reporter:
                 )
                 time.sleep(1.0)  # whatever failed, not in a tight loop
 
-    def wake(self) -> None:
-        self._wake.set()
-
     # -- process lifecycle ------------------------------------------------------------------
     def after_fork_in_child(self) -> None:
-        regs, retired = self._regs, self._retired
+        """The child starts from zero under its own identity; the parent's totals, its
+        retired engines' included, stay the parent's to report."""
+        regs = self._regs
         self._init_state()
         self.identity = Identity.current()
         for reg in regs:
             reg.stats.reset()
         self._regs = regs
-        # the parent's retired totals are the parent's to report
-        del retired
         if self._regs:
             with contextlib.suppress(Exception):
                 self._ensure_thread()
 
     def at_exit(self) -> None:
-        """Last push so a worker's final counts reach the daemon before it folds them."""
-        if self._regs:
+        """The last push, marked as leaving: a worker's final counts reach the daemon, which
+        folds them at once (a recycled gunicorn worker is not counted for `stale_after`)."""
+        if self._regs and not self._left:
+            self._left = True
             with contextlib.suppress(Exception):
-                self.push_all(timeout=EXIT_TIMEOUT, quiet=True)
+                self.push_all(timeout=EXIT_TIMEOUT, quiet=True, leaving=True)
+
+    def watch_sigterm(self) -> None:
+        """SIGTERM's default action ends the process without running atexit, so a process
+        that leaves SIGTERM at its default gets a handler that says goodbye first and then
+        dies of SIGTERM as before. Servers that handle SIGTERM themselves (gunicorn, uvicorn)
+        exit normally and leave through atexit."""
+        if threading.current_thread() is not threading.main_thread():
+            return
+        with contextlib.suppress(ValueError, OSError):
+            if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+                signal.signal(signal.SIGTERM, self._on_sigterm)
+
+    def _on_sigterm(self, signum: int, frame: Any) -> None:
+        self.at_exit()
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _in_use(snapshot: dict[str, Any]) -> bool:
+    """A pool this process has checked a connection out of, or holds one in."""
+    return bool(snapshot["checkouts"] or snapshot["used"] or snapshot["idle"])
 
 
 REPORTER = Reporter()
