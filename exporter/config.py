@@ -76,6 +76,8 @@ class StatementsConfig(_Strict):
     interval: Duration = 15.0
     top_n: int = Field(20, ge=1, le=500)
     pinning_risk: bool = True
+    # the daemon's own role's statements in the pinning-risk report (asyncpg's set_config)
+    pinning_own_statements: bool = False
 
 
 def dsn_host(dsn: str) -> str | None:

@@ -1,14 +1,19 @@
-"""Statements that would pin an RDS Proxy session: the classifier, and the counts from a real
-PostgreSQL workload read through pg_stat_statements."""
+"""Statements that would pin an RDS Proxy session: the classifier, the counts from a real
+PostgreSQL workload read through pg_stat_statements (by role, without the monitoring role's own
+statements), and the proxy's log lines as AWS writes them."""
 
 from __future__ import annotations
+
+from collections.abc import AsyncIterator
 
 import asyncpg
 import pytest
 
 from exporter import metrics as m
+from exporter.pinning import logline
 from exporter.pinning.risk import PinningRisk
-from exporter.pinning.statements import MAX_STATEMENT_BYTES, REASONS, classify, log_reason, primary
+from exporter.pinning.statements import MAX_STATEMENT_BYTES, REASONS, classify, primary
+from tests.conftest import MONITOR_PASSWORD
 
 # --- the classifier ----------------------------------------------------------------------
 
@@ -109,6 +114,47 @@ def test_classify_is_cached_and_primary_is_stable() -> None:
 
 # --- the workload against a real PostgreSQL ----------------------------------------------
 
+APP_ROLE = "pin_app"
+
+
+@pytest.fixture(scope="module")
+def app_role(pg) -> str:
+    """A login role for the application, apart from `monitor` (the daemon's role)."""
+    pg.psql(
+        f"DO $$ BEGIN CREATE ROLE {APP_ROLE} LOGIN; "
+        "EXCEPTION WHEN duplicate_object THEN NULL; END $$"
+    )
+    return APP_ROLE
+
+
+class Conns:
+    """The app (its own role), the daemon (`monitor`, pg_monitor only) and an admin (to
+    reset pg_stat_statements), each a real connection to one fresh database."""
+
+    app: asyncpg.Connection
+    monitor: asyncpg.Connection
+    admin: asyncpg.Connection
+
+
+@pytest.fixture
+async def conns(pg, fresh_db, app_role) -> AsyncIterator[Conns]:
+    pg.psql(
+        f"CREATE SEQUENCE pin_seq; GRANT ALL ON SEQUENCE pin_seq TO {app_role}", dbname=fresh_db
+    )
+    c = Conns()
+    c.admin = await asyncpg.connect(pg.dsn(dbname=fresh_db))
+    c.monitor = await asyncpg.connect(
+        pg.dsn(user="monitor", password=MONITOR_PASSWORD, dbname=fresh_db)
+    )
+    c.app = await asyncpg.connect(pg.dsn(user=app_role, dbname=fresh_db))
+    await c.admin.execute("SELECT pg_stat_statements_reset()")
+    try:
+        yield c
+    finally:
+        for conn in (c.app, c.monitor, c.admin):
+            await conn.close()
+
+
 BIG = "SELECT " + ", ".join(f"{i} AS generated_column_alias_{i}" for i in range(1, 700))
 
 
@@ -146,135 +192,183 @@ def _by_reason(samples: list, datname: str) -> dict[str, float]:
     return out
 
 
-async def test_workload_counts_every_pinning_form_under_its_reason(pg, fresh_db) -> None:
+async def test_workload_counts_every_pinning_form_under_its_reason(conns, fresh_db) -> None:
     assert len(BIG.encode()) > MAX_STATEMENT_BYTES
-    pg.psql("CREATE SEQUENCE pin_seq", dbname=fresh_db)
-    monitor = await asyncpg.connect(pg.dsn(dbname=fresh_db))
-    app = await asyncpg.connect(pg.dsn(dbname=fresh_db))
-    try:
-        # asyncpg introspects a type the first time it meets it, with a session-level
-        # set_config('jit', 'off', false) - which would pin too, and be counted. Warm the
-        # monitor's codec for bigint[] first so the counts below are the workload's alone.
-        await monitor.fetch("SELECT $1::bigint[]", [1])
-        await monitor.execute("SELECT pg_stat_statements_reset()")
-        risk = PinningRisk()
-        expected = await _run_workload(app, 3)
-        first = _by_reason(await risk.sample(monitor.fetch), fresh_db)
-        assert first == expected  # and nothing for SET LOCAL or pg_advisory_xact_lock
+    risk = PinningRisk()
+    expected = await _run_workload(conns.app, 3)
+    first = _by_reason(await risk.sample(conns.monitor.fetch), fresh_db)
+    assert first == expected  # and nothing for SET LOCAL or pg_advisory_xact_lock
 
-        more = await _run_workload(app, 2)
-        second = _by_reason(await risk.sample(monitor.fetch), fresh_db)
-        assert second == {r: expected[r] + more[r] for r in expected}
+    more = await _run_workload(conns.app, 2)
+    second = _by_reason(await risk.sample(conns.monitor.fetch), fresh_db)
+    assert second == {r: expected[r] + more[r] for r in expected}
 
-        offenders = risk.top_offenders()
-        texts = " | ".join(o["query"] for o in offenders if o["datname"] == fresh_db)
-        assert "SET statement_timeout = $1" in texts  # constants never shown (before PG 16
-        assert "'5s'" not in texts  # pg_stat_statements keeps them for utility statements)
-        assert "LOCAL" not in texts and "xact" not in texts
-        top = offenders[0]
-        assert set(top) >= {"datname", "queryid", "reasons", "calls", "query", "query_bytes"}
-        assert top["calls"] >= 5
-        big = next(o for o in offenders if o["reasons"] == ["statement_too_large"])
-        assert big["query_bytes"] > MAX_STATEMENT_BYTES and big["truncated"]
-    finally:
-        await app.close()
-        await monitor.close()
+    offenders = risk.top_offenders()
+    texts = " | ".join(o["query"] for o in offenders if o["datname"] == fresh_db)
+    assert "SET statement_timeout = $1" in texts  # constants never shown (before PG 16
+    assert "'5s'" not in texts  # pg_stat_statements keeps them for utility statements)
+    assert "LOCAL" not in texts and "xact" not in texts
+    top = offenders[0]
+    assert set(top) >= {"role", "datname", "queryid", "reasons", "calls", "query", "query_bytes"}
+    assert top["calls"] >= 5
+    assert {o["role"] for o in offenders} == {APP_ROLE}
+    big = next(o for o in offenders if o["reasons"] == ["statement_too_large"])
+    assert big["query_bytes"] > MAX_STATEMENT_BYTES and big["truncated"]
 
 
-async def test_counts_never_decrease_across_resets_and_evictions(pg, fresh_db) -> None:
-    monitor = await asyncpg.connect(pg.dsn(dbname=fresh_db))
-    app = await asyncpg.connect(pg.dsn(dbname=fresh_db))
-    try:
-        risk = PinningRisk()
-        for _ in range(4):
-            await app.execute("SET work_mem = '8MB'")
-        before = _by_reason(await risk.sample(monitor.fetch), fresh_db)["session_settings"]
-        assert before >= 4
+async def test_rows_name_their_role_and_the_monitoring_role_is_left_out(
+    conns, fresh_db, app_role
+) -> None:
+    """asyncpg - which the daemon itself reads through - turns JIT off for the session the
+    first time a connection meets a type it must introspect (here bigint[]): a `set_config`
+    that would pin. The app's is reported with its role; the daemon's own is not, unless
+    asked for."""
+    await conns.monitor.fetch("SELECT $1::bigint[]", [1])  # the daemon's own introspection
+    await conns.app.fetch("SELECT $1::bigint[]", [1])
+    await conns.app.execute("SET work_mem = '8MB'")
 
-        # A full reset empties the view: nothing new happened, so nothing is added...
-        await monitor.execute("SELECT pg_stat_statements_reset()")
-        after_reset = _by_reason(await risk.sample(monitor.fetch), fresh_db)
-        assert after_reset.get("session_settings") == before
-        # ...and calls made after the reset are counted from zero, not lost or doubled.
-        for _ in range(3):
-            await app.execute("SET work_mem = '8MB'")
-        grown = _by_reason(await risk.sample(monitor.fetch), fresh_db)["session_settings"]
-        assert grown == before + 3
-    finally:
-        await app.close()
-        await monitor.close()
+    def jit_roles(offenders: list[dict]) -> set[str]:
+        return {
+            o["role"]
+            for o in offenders
+            if any(fp["id"] == "asyncpg_introspection_jit" for fp in o["fingerprints"])
+        }
+
+    default = PinningRisk()
+    await default.sample(conns.monitor.fetch)
+    rows = default.top_offenders()
+    assert jit_roles(rows) == {app_role}
+    assert {(o["role"], o["datname"]) for o in rows} == {(app_role, fresh_db)}
+    set_row = next(o for o in rows if o["query"].startswith("SET work_mem"))
+    assert [fp["id"] for fp in set_row["fingerprints"]] == ["session_set"]
+    assert "SET LOCAL" in set_row["fingerprints"][0]["fix"]
+
+    everyone = PinningRisk(include_own=True)
+    await everyone.sample(conns.monitor.fetch)
+    assert jit_roles(everyone.top_offenders()) == {app_role, "monitor"}
 
 
-async def test_statements_classified_late_add_only_their_growth(pg, fresh_db, monkeypatch):
+async def test_counts_never_decrease_across_resets_and_evictions(conns, fresh_db) -> None:
+    risk = PinningRisk()
+    for _ in range(4):
+        await conns.app.execute("SET work_mem = '8MB'")
+    before = _by_reason(await risk.sample(conns.monitor.fetch), fresh_db)["session_settings"]
+    assert before >= 4
+
+    # A full reset empties the view: nothing new happened, so nothing is added...
+    await conns.admin.execute("SELECT pg_stat_statements_reset()")
+    after_reset = _by_reason(await risk.sample(conns.monitor.fetch), fresh_db)
+    assert after_reset.get("session_settings") == before
+    # ...and calls made after the reset are counted from zero, not lost or doubled.
+    for _ in range(3):
+        await conns.app.execute("SET work_mem = '8MB'")
+    grown = _by_reason(await risk.sample(conns.monitor.fetch), fresh_db)["session_settings"]
+    assert grown == before + 3
+
+
+async def test_statements_classified_late_add_only_their_growth(conns, fresh_db, monkeypatch):
     """Texts are fetched for a bounded number of new statements per sample. One classified a
     few samples late must add the calls it grew by since it was first seen, not its whole
     lifetime in one step, which would be a fake spike in a series that already exists."""
     monkeypatch.setattr("exporter.pinning.risk.MAX_NEW_PER_SAMPLE", 1)
-    pg.psql("CREATE SEQUENCE pin_seq", dbname=fresh_db)
-    monitor = await asyncpg.connect(pg.dsn(dbname=fresh_db))
-    app = await asyncpg.connect(pg.dsn(dbname=fresh_db))
-    try:
-        await monitor.fetch("SELECT $1::bigint[]", [1])  # see the workload test
-        await monitor.execute("SELECT pg_stat_statements_reset()")
-        risk = PinningRisk()
-        await _run_workload(app, 3)
-        series = [_by_reason(await risk.sample(monitor.fetch), fresh_db) for _ in range(25)]
-        # One statement is classified per sample. Whatever the first sample counted, the
-        # totals must not move while the app is idle and the rest are classified.
-        assert all(s == series[0] for s in series), series
-        # ...and new calls are counted exactly once they happen.
-        more = await _run_workload(app, 2)
-        grown = _by_reason(await risk.sample(monitor.fetch), fresh_db)
-        assert {r: grown[r] - series[-1].get(r, 0.0) for r in more} == more
-    finally:
-        await app.close()
-        await monitor.close()
+    risk = PinningRisk()
+    await _run_workload(conns.app, 3)
+    series = [_by_reason(await risk.sample(conns.monitor.fetch), fresh_db) for _ in range(25)]
+    # One statement is classified per sample. Whatever the first sample counted, the
+    # totals must not move while the app is idle and the rest are classified.
+    assert all(s == series[0] for s in series), series
+    # ...and new calls are counted exactly once they happen.
+    more = await _run_workload(conns.app, 2)
+    grown = _by_reason(await risk.sample(conns.monitor.fetch), fresh_db)
+    assert {r: grown[r] - series[-1].get(r, 0.0) for r in more} == more
 
 
 # --- the proxy's log lines -----------------------------------------------------------------
 
-_LINE = (
-    "[WARN] [proxyEndpoint=default] [clientConnection=2125203372] The client session was "
-    "pinned to the database connection [dbConnection=1953961465] for the remainder of the "
-    "session. The proxy can't reuse this connection until the session ends. Reason: "
+_WITH_ENDPOINT = "[WARN] [proxyEndpoint=default] [clientConnection=2125203372] "
+_WITHOUT_ENDPOINT = "[WARN] [clientConnection=2125203372] "
+_PINNED = (
+    "The client session was pinned to the database connection [dbConnection=1953961465] for "
+    "the remainder of the session. The proxy can't reuse this connection until the session "
+    "ends. Reason: "
 )
 _SETTINGS = (
     "SQL changed session settings that the proxy doesn't track. Consider moving session "
     "configuration to the proxy's initialization query. Digest: "
 )
+_SETTINGS_SHORT = "SQL changed session settings that the proxy doesn't track. Digest: "
 
-LOG_LINES = {
-    _LINE + "A parse message was detected.": "prepared_statement",
-    _LINE + "Running a prepared statement.": "prepared_statement",
-    _LINE + "A SET statement was detected.": "session_settings",
-    _LINE + _SETTINGS + '"set search_path to $1,$2,$3".': "session_settings",
-    _LINE + _SETTINGS + '"set client_encoding to $1".': "session_settings",
+# (reason as written after "Reason: ", slug, digest)
+REASON_TEXTS = [
+    # verbatim from public reports
+    ("A parse message was detected.", "prepared_statement", ""),
+    (
+        _SETTINGS + '"set search_path = $1; set names $2;".',
+        "session_settings",
+        "set search_path = $1; set names $2;",
+    ),
+    (
+        _SETTINGS + '"select pg_advisory_unlock_all(); close all; unlisten *; reset all;".',
+        "session_settings",
+        "select pg_advisory_unlock_all(); close all; unlisten *; reset all;",
+    ),
+    (_SETTINGS_SHORT + '"set extra_float_digits = $1".', "session_settings", ""),
+    (
+        "The connection ran a SQL query which exceeded the 16384 byte limit.",
+        "statement_too_large",
+        "",
+    ),
     # the generic settings reason is refined by its digest, the statement that pinned
-    _LINE + _SETTINGS + '"select nextval($1)".': "sequence",
-    _LINE + _SETTINGS + '"select pg_advisory_lock($1)".': "advisory_lock",
-    _LINE + _SETTINGS + '"create temp table t (a int)".': "temporary_object",
-    _LINE + _SETTINGS + '"listen orders".': "listen",
-    _LINE + "The statement text size exceeded 16384 bytes.": "statement_too_large",
-    _LINE + "A temporary table was created.": "temporary_object",
-    _LINE + "A cursor was declared.": "cursor",
-    _LINE + "Something the proxy will say in a future version.": "other",
-    _LINE + "The session is blocked by the clock.": "other",  # "lock" alone is not a lock
-    _LINE.removesuffix(" Reason: "): "other",
-}
+    (_SETTINGS + '"select nextval($1)".', "sequence", "select nextval($1)"),
+    (_SETTINGS + '"select pg_advisory_lock($1)".', "advisory_lock", ""),
+    (_SETTINGS + '"create temp table t (a int)".', "temporary_object", ""),
+    (_SETTINGS + '"listen orders".', "listen", ""),
+    (_SETTINGS + '"select * from "Orders" where id = $1".', "session_settings", ""),
+    # keyword matches for wordings reported but not verified
+    ("A SET statement was detected.", "session_settings", ""),
+    ("A temporary table was created.", "temporary_object", ""),
+    ("A cursor was declared.", "cursor", ""),
+    # nothing recognised: its own label, never a guess
+    ("Something the proxy will say in a future version.", "unknown", ""),
+    ("The session is blocked by the clock.", "unknown", ""),  # "lock" alone is not a lock
+]
 
 
-@pytest.mark.parametrize("line", sorted(LOG_LINES))
-def test_classifies_proxy_pinning_log_lines(line: str) -> None:
-    assert log_reason(line) == LOG_LINES[line]
+@pytest.mark.parametrize("envelope", [_WITH_ENDPOINT, _WITHOUT_ENDPOINT])
+@pytest.mark.parametrize(("reason", "slug", "digest"), REASON_TEXTS)
+def test_parses_pin_lines_as_aws_writes_them(envelope, reason, slug, digest) -> None:
+    line = logline.parse(envelope + _PINNED + reason)
+    assert line is not None and line.kind == logline.PIN
+    assert line.reason == slug
+    if digest:
+        assert line.digest == digest
+    assert line.endpoint == ("default" if "proxyEndpoint" in envelope else "")
 
 
-def test_lines_that_are_not_pins_are_not_counted() -> None:
-    assert (
-        log_reason(
-            "[INFO] [proxyEndpoint=default] [clientConnection=1] If this prepared statement runs, "
-            "the client session will be pinned. Reason: SQL changed session settings that the "
-            "proxy doesn't track."
-        )
-        is None
+def test_digest_keeps_quotes_inside_it() -> None:
+    line = logline.parse(
+        _WITH_ENDPOINT + _PINNED + _SETTINGS + '"select * from "Orders" where id = $1".'
     )
-    assert log_reason("[INFO] A new client connected from 10.0.1.17:52344.") is None
+    assert line is not None and line.digest == 'select * from "Orders" where id = $1'
+    assert line.reason_text == _SETTINGS.removesuffix(" Digest: ")
+
+
+def test_a_pin_line_without_a_reason_is_unknown() -> None:
+    line = logline.parse(_WITH_ENDPOINT + _PINNED.removesuffix(" Reason: "))
+    assert line is not None and (line.kind, line.reason) == (logline.PIN, "unknown")
+
+
+def test_the_prepared_statement_warning_is_a_would_pin_not_a_pin() -> None:
+    warning = (
+        "[INFO] [proxyEndpoint=default] [clientConnection=1] If this prepared statement runs, "
+        "the client session will be pinned to the database connection [dbConnection=7]. "
+        "Reason: A parse message was detected."
+    )
+    line = logline.parse(warning)
+    assert line is not None
+    assert (line.kind, line.reason) == (logline.WOULD_PIN, "prepared_statement")
+
+
+def test_lines_that_are_not_about_pinning_are_ignored() -> None:
+    assert logline.parse("[INFO] A new client connected from 10.0.1.17:52344.") is None
+    assert logline.parse("") is None

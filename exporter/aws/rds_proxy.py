@@ -165,6 +165,7 @@ class RdsProxySource(Source):
             "cloudwatch_targets": [{"target_group": g, "target": t} for g, t in proxy.cw_targets],
             "log_group": log_group(proxy.name),
             "logs": self._logs.state_of(proxy.name) if self.rds.logs else "disabled",
+            "pinning_log": self._logs.details(proxy.name) if self.rds.logs else {},
         }
 
     # -- one poll, in a worker thread --------------------------------------------------------
@@ -195,6 +196,7 @@ class RdsProxySource(Source):
             Sample(m.RDS_PROXY_PINNING_EVENTS, key, v)
             for key, v in sorted(self._logs.counts.items())
         ]
+        samples += self._logs.samples(values)  # would-pin lines, silent log groups
         samples.append(Sample(m.CLOUDWATCH_METRICS_REQUESTED, (), self._metric_queries_total))
         return samples
 

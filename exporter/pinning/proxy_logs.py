@@ -1,9 +1,11 @@
 """Pinning reasons from RDS Proxy's CloudWatch Logs, read incrementally and bounded.
 
 The proxy writes one line per pin to `/aws/rds/proxy/<proxy>` when enhanced logging is on.
-Each poll asks `FilterLogEvents` only for lines containing "was pinned" since the previous
-poll, classifies each reason (`exporter.pinning.statements.log_reason`) and adds it to
-`rds_proxy_pinning_events_total{proxy,reason}`.
+Each poll asks `FilterLogEvents` only for the pinning lines ("was pinned", and the "will be
+pinned" warnings) since the previous poll, parses each (`exporter.pinning.logline`) and adds
+it up (`exporter.pinning.log_totals`): pins by reason into
+`rds_proxy_pinning_events_total{proxy,reason}`, warnings apart, Digests with their driver
+fingerprints, and when a proxy that pins has gone quiet (`exporter.pinning.silence`).
 
 - **Incremental and exact**: the cursor moves only after a read succeeded in full, and the
   read starts `OVERLAP_MS` before the cursor (lines can be ingested late) with event IDs
@@ -33,13 +35,15 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 from exporter.aws.clients import THROTTLED, AwsApiError, Clients, TooManyPages
 from exporter.logs import kv
-from exporter.pinning import statements as pinning
+from exporter.metrics import Sample
+from exporter.pinning import logline
+from exporter.pinning.log_totals import LogTotals, Tally
 
 log = logging.getLogger("pgpressure.rds_proxy")
 
@@ -75,13 +79,13 @@ class _Scan:
 
 @dataclass
 class _Batch:
-    """What one read found, not committed yet: new events by ID, reasons counted."""
+    """What one read found, not committed yet: new events by ID, what their lines said."""
 
     newest: int
     seen: dict[str, int]
     read: int = 0
     next_token: str | None = None
-    counts: dict[str, int] = field(default_factory=dict)
+    tally: Tally = field(default_factory=Tally)
 
     def add(self, event: dict[str, Any]) -> None:
         event_id = str(event.get("eventId", ""))
@@ -91,14 +95,13 @@ class _Batch:
         self.seen[event_id] = stamp
         self.read += 1
         self.newest = max(self.newest, stamp)
-        reason = pinning.log_reason(str(event.get("message", "")))
-        if reason is not None:
-            self.counts[reason] = self.counts.get(reason, 0) + 1
+        self.tally.add(str(event.get("message", "")), stamp)
 
 
 @dataclass
 class _State:
     cursor_ms: int
+    watched_from_ms: int  # the first read covers lines from here on
     seen: dict[str, int] = field(default_factory=dict)  # eventId -> timestamp
     scan: _Scan | None = None  # a scan to resume before reading on from the cursor
     readable: bool = False  # read successfully at least once
@@ -107,7 +110,7 @@ class _State:
 
 
 class PinningLogs:
-    """Cumulative pinning line counts per (proxy, reason)."""
+    """Reads the proxies' pinning lines into `totals`: cumulative per proxy."""
 
     def __init__(
         self,
@@ -128,7 +131,7 @@ class PinningLogs:
         self.forget_after = forget_after
         self.call_spacing = call_spacing
         self.max_pages_per_poll = MAX_PAGES_PER_POLL
-        self.counts: dict[tuple[str, str], float] = {}
+        self.totals = LogTotals(clock)
         self.throttled = False  # the last read() stopped at a throttled call
         self._states: dict[str, _State] = {}
         self._gone_since: dict[str, float] = {}  # proxies not read now -> since when
@@ -136,18 +139,35 @@ class PinningLogs:
         self._pages_left = 0
         self._last_call: float | None = None  # time.monotonic() of the last FilterLogEvents
 
+    @property
+    def counts(self) -> dict[tuple[str, str], float]:
+        """Pinning lines per (proxy, reason), every reason from the first read."""
+        return self.totals.counts
+
     def state_of(self, proxy: str) -> str:
         state = self._states.get(proxy)
         if state is None:
             return "not read yet"
-        return state.problem or ("reading" if state.readable else "not read yet")
+        if state.problem:
+            return state.problem
+        if not state.readable:
+            return "not read yet"
+        return self.totals.silence.describe(proxy) or "reading"
+
+    def samples(self, cloudwatch: Iterable[Sample]) -> list[Sample]:
+        """Would-pin counts and silence, given the poll's CloudWatch samples."""
+        return self.totals.samples(cloudwatch)
+
+    def details(self, proxy: str) -> dict[str, object]:
+        """What the proxy's pinning lines said, for the landing page."""
+        return self.totals.details(proxy)
 
     def forget_except(self, proxies: set[str]) -> None:
         """`proxies` are the ones read from now on. The others keep their state and counts
         until they have been left out for `forget_after` seconds: a proxy that flaps in and
         out of discovery must not have its last minutes read and counted again."""
         now = self.clock()
-        for name in set(self._states) | {proxy for proxy, _ in self.counts}:
+        for name in set(self._states) | {proxy for proxy, _ in self.totals.counts}:
             if name in proxies:
                 self._gone_since.pop(name, None)
                 continue
@@ -155,8 +175,7 @@ class PinningLogs:
                 continue
             del self._gone_since[name]
             self._states.pop(name, None)
-            for key in [key for key in self.counts if key[0] == name]:
-                del self.counts[key]
+            self.totals.forget(name)
             log.info(
                 "rds proxy gone for good; its log cursor and pinning counts are dropped",
                 extra=kv(proxy=name, gone_for=round(self.forget_after)),
@@ -208,7 +227,7 @@ class PinningLogs:
         state = self._states.get(proxy)
         if state is None:
             start = int(self.clock() * 1000) - int(self.first_lookback * 1000)
-            state = self._states[proxy] = _State(cursor_ms=start)
+            state = self._states[proxy] = _State(cursor_ms=start, watched_from_ms=start)
         if state.scan is not None and state.scan.request["limit"] > budget:
             return 0  # a page could overrun this poll's budget; a later poll starts with it
         request = (
@@ -222,14 +241,14 @@ class PinningLogs:
         if batch.next_token:
             # Cut short: go on from this page next poll. The cursor moves to the newest line
             # read, which only matters should the scan have to start over.
-            self._commit(proxy, state, batch.counts, batch.seen, batch.newest)
+            self._commit(proxy, state, batch, batch.newest)
             state.scan = _Scan(request, batch.next_token)
             log.info(
                 "rds proxy pinning log backlog; continuing next poll",
                 extra=kv(proxy=proxy, events=batch.read, calls_left=self._pages_left),
             )
         else:
-            self._commit(proxy, state, batch.counts, batch.seen, request["endTime"])
+            self._commit(proxy, state, batch, request["endTime"])
             state.scan = None
         return batch.read
 
@@ -239,7 +258,7 @@ class PinningLogs:
             "logGroupName": log_group(proxy),
             "startTime": max(0, state.cursor_ms - OVERLAP_MS),
             "endTime": int(self.clock() * 1000),
-            "filterPattern": f'"{pinning.PIN_MARKER}"',
+            "filterPattern": logline.FILTER_PATTERN,
             "interleaved": True,
             "limit": min(10_000, budget),
         }
@@ -292,21 +311,12 @@ class PinningLogs:
             )
         state.problem, state.retry_at = problem, self.clock() + self.retry_after
 
-    def _commit(
-        self,
-        proxy: str,
-        state: _State,
-        counts: dict[str, int],
-        seen: dict[str, int],
-        cursor_ms: int,
-    ) -> None:
+    def _commit(self, proxy: str, state: _State, batch: _Batch, cursor_ms: int) -> None:
         """Only after the whole read succeeded, so a failure never double counts."""
         if state.problem:
             log.info("rds proxy pinning logs readable", extra=kv(proxy=proxy))
         state.problem, state.readable, state.cursor_ms = "", True, cursor_ms
-        for reason in pinning.REASONS:  # every reason exported, 0 until seen
-            key = (proxy, reason)
-            self.counts[key] = self.counts.get(key, 0.0) + counts.get(reason, 0)
+        self.totals.commit(proxy, batch.tally, state.watched_from_ms / 1000)
         horizon = cursor_ms - OVERLAP_MS
-        kept = sorted((v, k) for k, v in seen.items() if v >= horizon)[-MAX_SEEN_EVENT_IDS:]
-        state.seen = {k: v for v, k in kept}
+        kept = sorted((v, k) for k, v in batch.seen.items() if v >= horizon)
+        state.seen = {k: v for v, k in kept[-MAX_SEEN_EVENT_IDS:]}

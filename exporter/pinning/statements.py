@@ -14,7 +14,7 @@ parser accepts parameters wherever the grammar allows expressions, and a stateme
 parse falls back to a conservative keyword check rather than being ignored.
 
 Reason slugs are the ones the proxy's own log lines are classified into (see
-`exporter.aws.rds_proxy`), so a dashboard can put "statements that would pin" beside
+`exporter.pinning.logline`), so a dashboard can put "statements that would pin" beside
 "pins the proxy saw" reason by reason. Two AWS conditions have no slug of their own on purpose:
 
 - `DISCARD` (ALL, PLANS, SEQUENCES, TEMP) resets session state, which the proxy treats like a
@@ -44,6 +44,8 @@ SEQUENCE = "sequence"
 LISTEN = "listen"
 CURSOR = "cursor"
 OTHER = "other"
+#: Only the proxy's log lines have it: a reason text pgpressure does not recognise.
+UNKNOWN = "unknown"
 
 #: Every reason, in the order used for display and for breaking ties.
 REASONS: tuple[str, ...] = (
@@ -56,6 +58,7 @@ REASONS: tuple[str, ...] = (
     LISTEN,
     CURSOR,
     OTHER,
+    UNKNOWN,
 )
 
 #: RDS Proxy pins any statement whose text is larger than 16 KB.
@@ -64,7 +67,7 @@ MAX_STATEMENT_BYTES = 16384
 _SEQUENCE_FUNCTIONS = frozenset({"nextval", "setval", "currval", "lastval"})
 # Session-level advisory lock functions; the pg_advisory_xact_* family is released at the end
 # of the transaction and does not pin.
-_ADVISORY_FUNCTIONS = frozenset(
+SESSION_ADVISORY_FUNCTIONS = frozenset(
     {
         "pg_advisory_lock",
         "pg_advisory_lock_shared",
@@ -80,11 +83,11 @@ _TRANSACTION_SCOPED_SET = frozenset({"transaction", "transaction snapshot"})
 _TEMP = "t"  # RangeVar.relpersistence for TEMPORARY
 
 
-def _func_name(node: ast.FuncCall) -> str:
+def func_name(node: ast.FuncCall) -> str:
     return node.funcname[-1].sval.lower() if node.funcname else ""
 
 
-def _is_true_constant(node: object) -> bool:
+def is_true_constant(node: object) -> bool:
     """True only for a literal boolean true ('true', true, 't', 1...) - not for `$3`."""
     if isinstance(node, ast.TypeCast):
         node = node.arg
@@ -167,16 +170,16 @@ class _Finder(Visitor):
 
     # -- functions -----------------------------------------------------------------------
     def visit_FuncCall(self, ancestors, node: ast.FuncCall) -> None:
-        name = _func_name(node)
+        name = func_name(node)
         if name in _SEQUENCE_FUNCTIONS:
             self.reasons.add(SEQUENCE)
-        elif name in _ADVISORY_FUNCTIONS:
+        elif name in SESSION_ADVISORY_FUNCTIONS:
             self.reasons.add(ADVISORY_LOCK)
         elif name == "set_config":
             args = node.args or ()
             # set_config(name, value, is_local): only a literal true is transaction-scoped;
             # a normalized `$3` could be either, and false is the common case.
-            if len(args) < 3 or not _is_true_constant(args[2]):
+            if len(args) < 3 or not is_true_constant(args[2]):
                 self.reasons.add(SESSION_SETTINGS)
 
 
@@ -227,66 +230,3 @@ def classify(sql: str) -> frozenset[str]:
 def primary(reasons: frozenset[str] | set[str]) -> str | None:
     """The first reason in `REASONS` order; a stable single answer for display."""
     return next((r for r in REASONS if r in reasons), None)
-
-
-# --- the proxy's own log lines ----------------------------------------------------------
-#
-# RDS Proxy writes one line per pin to /aws/rds/proxy/<proxy> (enhanced logging), e.g.
-#
-#   [WARN] [proxyEndpoint=default] [clientConnection=2125203372] The client session was pinned
-#   to the database connection [dbConnection=1953961465] for the remainder of the session. The
-#   proxy can't reuse this connection until the session ends. Reason: SQL changed session
-#   settings that the proxy doesn't track. Consider moving session configuration to the
-#   proxy's initialization query. Digest: "set search_path to $1,$2,$3".
-#
-# Reasons seen in public reports include "A parse message was detected." (extended query
-# protocol), "Running a prepared statement", "A SET statement was detected." and the session
-# settings one above. AWS does not publish the full list, so reasons are matched by keywords,
-# and a generic "session settings" reason is refined by its Digest, which is the normalized
-# statement that caused the pin. Lines announcing a *possible* pin ("If this prepared statement
-# runs, the client session will be pinned") are not pins and are not counted.
-
-PIN_MARKER = "was pinned"
-
-_LOG_RULES: tuple[tuple[tuple[str, ...], str], ...] = (
-    (
-        ("text size", "too large", "larger than", "exceed", "16 kb", "16384", "size limit"),
-        STATEMENT_TOO_LARGE,
-    ),
-    (("parse message", "prepare"), PREPARED_STATEMENT),
-    (("temporary", "temp table"), TEMPORARY_OBJECT),
-    (("advisory",), ADVISORY_LOCK),  # not "lock": it matches "blocked" and "clock"
-    (("sequence", "nextval", "setval", "currval"), SEQUENCE),
-    (("listen", "notification channel"), LISTEN),
-    (("cursor",), CURSOR),
-    (
-        (
-            "session setting",
-            "set statement",
-            "set command",
-            "session state",
-            "parameter",
-            "variable",
-            "discard",
-            "configuration",
-        ),
-        SESSION_SETTINGS,
-    ),
-)
-
-
-def log_reason(message: str) -> str | None:
-    """The reason slug of an RDS Proxy pinning log line; None if the line is not a pin."""
-    if PIN_MARKER not in message:
-        return None
-    _, _, reason = message.partition("Reason:")
-    reason, _, digest = reason.partition("Digest:")
-    text = reason.lower()
-    slug = next((s for keys, s in _LOG_RULES if any(k in text for k in keys)), None)
-    if slug in (None, SESSION_SETTINGS):
-        sql = digest.strip().rstrip(".").strip().strip('"').strip()
-        if sql:
-            refined = primary(classify(sql) - {STATEMENT_TOO_LARGE})
-            if refined is not None:
-                return refined
-    return slug or OTHER

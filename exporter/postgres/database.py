@@ -71,7 +71,9 @@ class DatabaseSource(Source):
         self._statements_available: bool | None = None
         self.pinning: PinningRisk | None = None
         if config.statements.enabled and config.statements.pinning_risk:
-            self.pinning = PinningRisk(top_n, datnames)
+            self.pinning = PinningRisk(
+                top_n, datnames, include_own=config.statements.pinning_own_statements
+            )
 
     async def sample(self) -> Iterable[Sample]:
         rows = await self.conn.fetch(DATABASES)
