@@ -73,6 +73,7 @@ class TargetEvidence:
     sessions_ended_per_s: dict[str, float] = field(default_factory=dict)  # abandoned/fatal/killed
     applications: frozenset[str] = frozenset()  # application_name values seen in sessions
     pools: tuple[PoolLink, ...] = ()
+    pools_capacity_sum: float | None = None  # sum of the pools' maxima, if precomputed
     aas_trend: Trend = ()
     cpu_trend: Trend = ()
     lock_trend: Trend = ()
@@ -94,6 +95,13 @@ class TargetEvidence:
             return None
         reserved = 3.0 if self.reserved_connections is None else self.reserved_connections
         return self.max_connections - reserved
+
+    @property
+    def pools_capacity(self) -> float:
+        """Connections the linked pools can open together, over all their processes."""
+        if self.pools_capacity_sum is not None:
+            return self.pools_capacity_sum
+        return sum(p.max_connections for p in self.pools)
 
     def top_by_exec(self, n: int = 3) -> list[Statement]:
         ranked = sorted(self.statements, key=lambda s: -s.exec_seconds_per_s)

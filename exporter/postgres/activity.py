@@ -23,11 +23,15 @@ from exporter.config import DatabaseConfig
 from exporter.core.cardinality import OTHER, CappedCounters, LabelCap
 from exporter.core.source import Source
 from exporter.metrics import Sample
+from exporter.postgres import holders
 from exporter.postgres.connection import TargetConnection
 
 QUERY = """
-SELECT s.max_connections, g.*
-FROM (SELECT current_setting('max_connections')::int AS max_connections) s
+SELECT s.max_connections, s.reserved_connections, g.*
+FROM (SELECT current_setting('max_connections')::int AS max_connections,
+             current_setting('superuser_reserved_connections')::int
+             + coalesce(current_setting('reserved_connections', true)::int, 0)
+                 AS reserved_connections) s
 LEFT JOIN (
     SELECT coalesce(a.datname, '') AS datname,
            coalesce(a.state, 'unknown') AS state,
@@ -82,15 +86,23 @@ class ActivitySource(Source):
         oldest_xact: dict[str, float] = defaultdict(float)
         oldest_idle: dict[str, float] = defaultdict(float)
         oldest_query: dict[str, float] = defaultdict(float)
-        max_connections = 0.0
+        by_app: dict[tuple[str, str], float] = defaultdict(float)
+        idle_by_app: dict[tuple[str, str], float] = defaultdict(float)
+        max_connections = reserved = 0.0
         for row in rows:
             max_connections = float(row["max_connections"])
+            reserved = float(row["reserved_connections"])
             if row["sessions"] is None:  # no client backends at all
                 continue
             db = self._datname(row["datname"])
             n = float(row["sessions"])
             state = row["state"]
             sessions[(db, state)] += n
+            app_key = (db, row["application_name"])
+            by_app[app_key] += n
+            if row["idle_in_xact_age"] is not None:
+                idle = float(row["idle_in_xact_age"])
+                idle_by_app[app_key] = max(idle_by_app[app_key], idle)
             blocked[db] += float(row["blocked"])
             for ages, key in (
                 (oldest_xact, "xact_age"),
@@ -111,9 +123,16 @@ class ActivitySource(Source):
         live = self._datname.seen() | {OTHER}
         for key in [k for k in self._load if k[0] not in live]:
             del self._load[key]
-        return list(
+        out = list(
             self._render(sessions, blocked, oldest_xact, oldest_idle, oldest_query, max_connections)
         )
+        # Which apps use the target and which hold locks or transactions (bounded).
+        out += holders.application_sessions(by_app, self.config.activity.top_applications)
+        out += holders.idle_in_transaction(idle_by_app)
+        if any(blocked.values()):
+            out += await holders.blockers(self.conn.fetch, self._datname)
+        out.append(Sample(m.RESERVED_CONNECTIONS, (), reserved))
+        return out
 
     def _render(
         self,

@@ -31,7 +31,7 @@ def evaluate(ev: TargetEvidence, thresholds: Thresholds) -> Finding | None:
         return None
     vcpus = ev.vcpus or 1.0
     cpu_share = ev.aas_cpu / ev.aas
-    pool_max = sum(p.max_connections for p in ev.pools)
+    pool_max = ev.pools_capacity
     top = ev.top_by_exec()
     details = tuple(
         f"queryid {s.queryid} ({s.datname}): {secs(s.exec_seconds_per_s)} of execution per "

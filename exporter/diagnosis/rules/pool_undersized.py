@@ -40,9 +40,8 @@ def _server_room(ev: PoolEvidence, wanted: float) -> str:
         usable = target.usable_connections
         if usable is None:
             continue
-        others = sum(
-            p.max_connections for p in target.pools if (p.app, p.pool) != (ev.app, ev.pool)
-        )
+        own = (p.max_connections for p in target.pools if (p.app, p.pool) == (ev.app, ev.pool))
+        others = target.pools_capacity - next(own, 0.0)
         total = others + wanted
         verdict = "within" if total <= usable else "ABOVE"
         clauses.append(

@@ -17,6 +17,7 @@ from exporter.diagnosis.thresholds import Thresholds
 
 NAME = "pools_exceed_server"
 SUBJECT = "target"
+MAX_DETAILS = 10  # the largest pools; the summary has the totals
 
 
 def evaluate(ev: TargetEvidence, thresholds: Thresholds) -> Finding | None:
@@ -24,7 +25,7 @@ def evaluate(ev: TargetEvidence, thresholds: Thresholds) -> Finding | None:
     usable = ev.usable_connections
     if usable is None or not ev.pools:
         return None
-    total = sum(p.max_connections for p in ev.pools)
+    total = ev.pools_capacity
     if total <= t.share * usable:
         return None
     processes = sum(p.processes for p in ev.pools)
@@ -59,6 +60,6 @@ def evaluate(ev: TargetEvidence, thresholds: Thresholds) -> Finding | None:
         chart=Chart("client sessions", ev.sessions_trend, "", usable, "usable connections"),
         details=tuple(
             f"{p.app}/{p.pool}: up to {num(p.max_connections)} over {num(p.processes)} processes"
-            for p in sorted(ev.pools, key=lambda p: -p.max_connections)
+            for p in sorted(ev.pools, key=lambda p: -p.max_connections)[:MAX_DETAILS]
         ),
     )
