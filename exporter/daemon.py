@@ -86,10 +86,10 @@ class Daemon:
 
             self.ingest = Ingest(config.ingest)
             self.sources.append(self.ingest)
-        if config.aws.rds_proxy.enabled:
-            from exporter.aws.rds_proxy import RdsProxySource
+        if config.aws.rds_proxy.enabled or any(db.aws for db in config.databases):
+            from exporter.aws.wiring import aws_sources  # boto3 only when AWS is configured
 
-            self.sources.append(RdsProxySource(config.aws))
+            self.sources += aws_sources(config, self.sources)
         self.runners = [SourceRunner(s, self.store) for s in self.sources]
         self._stop = asyncio.Event()
         self.bound_port: int | None = None

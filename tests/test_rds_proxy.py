@@ -507,7 +507,7 @@ async def test_expired_credentials_rebuild_the_clients(aws, fault_proxy) -> None
     with pytest.raises(AwsApiError) as raised:
         await source.sample()
     assert raised.value.code == "ExpiredTokenException"
-    assert not source._clients.built()  # rebuilt from the credential chain next time
+    assert not source.clients.built()  # rebuilt from the credential chain next time
     await source.sample()
 
 
@@ -762,5 +762,5 @@ async def test_close_releases_clients_and_a_new_poll_rebuilds_them(aws, fault_pr
     source = make_source(fault_proxy.url, Clock(T0))
     await source.sample()
     await source.close()
-    assert not source._clients.built()
+    assert not source.clients.built()
     assert list(await source.sample())

@@ -48,6 +48,19 @@ THROTTLED = frozenset(
         "LimitExceededException",
     }
 )
+#: Error codes that mean the identity lacks a permission (each service spells it its own way).
+DENIED = frozenset(
+    {
+        "AccessDenied",
+        "AccessDeniedException",
+        "UnauthorizedOperation",
+        "UnauthorizedAccess",
+        "NotAuthorized",
+        "NotAuthorizedException",
+    }
+)
+#: IAM action prefix of each service the daemon calls, e.g. "ec2" for ec2:DescribeInstanceTypes.
+IAM_PREFIX = {"cloudwatch": "cloudwatch", "logs": "logs", "rds": "rds", "ec2": "ec2", "pi": "pi"}
 
 
 #: Calls `Clients.pages()` makes at most for one paginated request.
@@ -120,16 +133,26 @@ def operation_name(method: str) -> str:
     return "".join(part.capitalize() for part in method.split("_")).replace("Db", "DB")
 
 
+def iam_action(service: str, method: str) -> str:
+    """The permission a call needs, as a policy names it: rds:DescribeDBInstances."""
+    return f"{IAM_PREFIX.get(service, service)}:{operation_name(method)}"
+
+
 class Clients:
-    """boto3 clients for one region; thread-safe, rebuilt on `reset()` or role renewal."""
+    """boto3 clients for one region; thread-safe, rebuilt on `reset()` or role renewal. The
+    clients every AWS source uses are built together on the first call, so none is built in
+    the middle of a paced sequence of calls; EC2 and Performance Insights only when first
+    asked for (a daemon that reads only RDS Proxy never builds them)."""
 
     SERVICES = ("cloudwatch", "logs", "rds")
+    ON_DEMAND = ("ec2", "pi")
 
     def __init__(self, config: AwsConfig, clock: Callable[[], float]) -> None:
         self.config = config
         self.clock = clock
         self._lock = threading.Lock()
         self._clients: dict[str, Any] = {}
+        self._session_now: boto3.session.Session | None = None
         self._role_expires = 0.0
         self.botocore_config = BotoConfig(
             region_name=config.region,
@@ -169,15 +192,21 @@ class Clients:
             renew = self.config.role_arn and self._role_expires - self.clock() < 600
             if renew:
                 self._close_all()
-            if not self._clients:
-                session = self._session()
+            if self._session_now is None:
+                self._session_now = self._session()
                 for name in self.SERVICES:
-                    self._clients[name] = session.client(
-                        name,
-                        endpoint_url=self.config.endpoint_url,
-                        config=self.botocore_config,
-                    )
+                    self._clients[name] = self._build(name)
+            if service not in self._clients:
+                if service not in self.ON_DEMAND:
+                    raise ValueError(f"no client for {service!r}")
+                self._clients[service] = self._build(service)
             return self._clients[service]
+
+    def _build(self, service: str) -> Any:
+        assert self._session_now is not None
+        return self._session_now.client(
+            service, endpoint_url=self.config.endpoint_url, config=self.botocore_config
+        )
 
     def built(self) -> bool:
         return bool(self._clients)
@@ -195,6 +224,7 @@ class Clients:
             if close is not None:
                 close()
         self._clients.clear()
+        self._session_now = None
 
     def call(self, service: str, method: str, expect: str, **kwargs: Any) -> dict:
         """One API call. `expect` is a key every well-formed answer has: botocore turns an

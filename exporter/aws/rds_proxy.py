@@ -1,7 +1,8 @@
 """RDS Proxy: connection metrics from CloudWatch and pinning reasons from the proxy's logs.
 
-Every `interval` the source makes **one** `GetMetricData` call for all proxies (up to 500
-metric queries per call; more proxies means more calls of 500), then reads the pinning lines
+Every `interval` the source reads its metrics through the daemon's one `GetMetricData` call
+per minute, shared with the RDS instance sources (`exporter.aws.cloudwatch`: up to 500 metric
+queries per call; more proxies means more calls of 500), then reads the pinning lines
 each proxy wrote to `/aws/rds/proxy/<proxy>` since the last poll with `FilterLogEvents`.
 Discovery (`DescribeDBProxies`, `DescribeDBProxyTargetGroups`, `DescribeDBProxyTargets`, and
 `ListMetrics` for the dimension values CloudWatch actually uses) runs every
@@ -46,10 +47,11 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
 
 from exporter import metrics as m
-from exporter.aws.clients import EXPIRED, AwsApiError, Clients, off_the_loop
+from exporter.aws.clients import EXPIRED, AwsApiError, off_the_loop
+from exporter.aws.cloudwatch import PERIOD, MetricData, Points, Query, newest
+from exporter.aws.cloudwatch import _plausible as _plausible  # the tests' unit of plausibility
 from exporter.config import AwsConfig
 from exporter.core.source import Source
 from exporter.logs import kv
@@ -60,8 +62,7 @@ from exporter.redaction import redact_dsn
 log = logging.getLogger("pgpressure.rds_proxy")
 
 NAMESPACE = "AWS/RDS"
-PERIOD = 60  # seconds; the finest period RDS Proxy metrics have
-MAX_QUERIES_PER_CALL = 500  # GetMetricData limit
+OWNER = "rds_proxy"  # this source's name in the shared MetricData
 FORGET_AFTER_DISCOVERIES = 3  # a proxy left out this many discovery intervals is forgotten
 
 
@@ -115,13 +116,16 @@ class RdsProxySource(Source):
         *,
         clock: Callable[[], float] = time.time,
         log_call_spacing: float = CALL_SPACING,
+        metric_data: MetricData | None = None,
     ) -> None:
         self.config = config
         self.rds = config.rds_proxy
         self.interval = self.rds.interval
         self.backoff_max = max(self.interval * 8, 300.0)
         self.clock = clock
-        self.clients = Clients(config, clock)
+        # shared with the RDS instance sources, so one call per minute carries everything
+        self.metric_data = metric_data or MetricData(config, clock)
+        self.clients = self.metric_data.clients
         self._logs = PinningLogs(
             self.clients,
             clock,
@@ -133,7 +137,6 @@ class RdsProxySource(Source):
         )
         self._proxies: list[_Proxy] = []
         self._discovered_at: float | None = None
-        self._metric_queries_total = 0.0
         self._last_poll: dict[str, object] = {}
 
     # -- the runner's side -----------------------------------------------------------------
@@ -153,7 +156,7 @@ class RdsProxySource(Source):
             "discovered_at": _iso(self._discovered_at),
             "proxies": [self._proxy_status(p) for p in list(self._proxies)],
             "last_poll": dict(self._last_poll),
-            "cloudwatch_metric_queries_total": self._metric_queries_total,
+            "cloudwatch_metric_queries_total": self.metric_data.requested(OWNER),
         }
 
     def _proxy_status(self, proxy: _Proxy) -> dict[str, object]:
@@ -197,7 +200,7 @@ class RdsProxySource(Source):
             for key, v in sorted(self._logs.counts.items())
         ]
         samples += self._logs.samples(values)  # would-pin lines, silent log groups
-        samples.append(Sample(m.CLOUDWATCH_METRICS_REQUESTED, (), self._metric_queries_total))
+        samples.append(self.metric_data.requested_sample(OWNER))
         return samples
 
     # -- discovery -------------------------------------------------------------------------
@@ -303,7 +306,7 @@ class RdsProxySource(Source):
         return sorted(found)
 
     # -- metrics ---------------------------------------------------------------------------
-    def _queries(self) -> list[tuple[dict, _CwMetric, tuple[str, str, str]]]:
+    def _queries(self) -> list[tuple[Query, _CwMetric, tuple[str, str, str]]]:
         out = []
         for proxy in self._proxies:
             sets = [((("ProxyName", proxy.name),), (proxy.name, "", ""), False)]
@@ -319,72 +322,21 @@ class RdsProxySource(Source):
                 for metric in METRICS:
                     if per_target and not metric.per_target:
                         continue
-                    query = {
-                        "Id": f"q{len(out)}",
-                        "MetricStat": {
-                            "Metric": {
-                                "Namespace": NAMESPACE,
-                                "MetricName": metric.name,
-                                "Dimensions": [{"Name": n, "Value": v} for n, v in dims],
-                            },
-                            "Period": PERIOD,
-                            "Stat": metric.stat,
-                        },
-                        "ReturnData": True,
-                    }
-                    out.append((query, metric, labels))
+                    out.append((Query(NAMESPACE, metric.name, dims, metric.stat), metric, labels))
         return out
-
-    def _window(self, now: float) -> tuple[datetime, datetime]:
-        end = math.floor((now - self.rds.delay) / PERIOD) * PERIOD
-        lookback = max(5 * PERIOD, math.ceil(2 * self.interval / PERIOD) * PERIOD)
-        return (datetime.fromtimestamp(end - lookback, UTC), datetime.fromtimestamp(end, UTC))
 
     def _metrics(self, now: float) -> tuple[list[Sample], int, int]:
         queries = self._queries()
+        lookback = max(5 * PERIOD, math.ceil(2 * self.interval / PERIOD) * PERIOD)
+        self.metric_data.register(OWNER, [q for q, _, _ in queries], lookback)
         if not queries:
             return [], 0, 0
-        start, end = self._window(now)
-        # query Id -> {timestamp: value}; None marks a datapoint that is not a plausible value
-        points: dict[str, dict[datetime, float | None]] = {}
-        calls = unusable = 0
-        for offset in range(0, len(queries), MAX_QUERIES_PER_CALL):
-            batch = [q for q, _, _ in queries[offset : offset + MAX_QUERIES_PER_CALL]]
-            kwargs: dict[str, Any] = {
-                "MetricDataQueries": batch,
-                "StartTime": start,
-                "EndTime": end,
-                "ScanBy": "TimestampDescending",
-            }
-            for page in self.clients.pages(
-                "cloudwatch",
-                "get_metric_data",
-                "MetricDataResults",
-                "NextToken",
-                "NextToken",
-                **kwargs,
-            ):
-                calls += 1
-                self._metric_queries_total += len(batch)  # AWS bills per metric requested
-                for result in page.get("MetricDataResults", []):
-                    for ts, value in zip(
-                        result.get("Timestamps", []), result.get("Values", []), strict=False
-                    ):
-                        plausible = _plausible(value)
-                        unusable += not plausible
-                        got = points.setdefault(result["Id"], {})
-                        got[ts] = float(value) if plausible else None
-        if unusable:
-            log.warning(
-                "cloudwatch returned datapoints that are not finite non-negative numbers; skipped",
-                extra=kv(datapoints=unusable),
-            )
+        points, calls = self.metric_data.read(OWNER)
         return _one_minute_per_label_set(queries, points), len(queries), calls
 
 
 def _one_minute_per_label_set(
-    queries: list[tuple[dict, _CwMetric, tuple[str, str, str]]],
-    points: dict[str, dict[datetime, float | None]],
+    queries: list[tuple[Query, _CwMetric, tuple[str, str, str]]], points: dict[Query, Points]
 ) -> list[Sample]:
     """The values of one (proxy, target_group, target) all come from one minute: the newest
     with a `DatabaseConnections` datapoint, or, when the window has none, the newest minute
@@ -393,15 +345,15 @@ def _one_minute_per_label_set(
     fresh connections and keep the pinning alert firing after pinning stopped. So the pinned
     count is 0 when the proxy reported connections in that minute without a pinned datapoint;
     any other metric without a datapoint in that minute is absent."""
-    by_labels: dict[tuple[str, str, str], dict[_CwMetric, dict[datetime, float | None]]] = {}
+    by_labels: dict[tuple[str, str, str], dict[_CwMetric, Points]] = {}
     for query, metric, labels in queries:
-        by_labels.setdefault(labels, {})[metric] = points.get(query["Id"], {})
+        by_labels.setdefault(labels, {})[metric] = points.get(query, {})
     samples = []
     for labels, series in by_labels.items():
-        anchor = _newest_plausible(series.get(_CONNECTIONS, {}))
+        anchor = newest(series.get(_CONNECTIONS, {}))
         anchored = anchor is not None
         if not anchored:
-            stamps = [_newest_plausible(got) for got in series.values()]
+            stamps = [newest(got) for got in series.values()]
             anchor = max((ts for ts in stamps if ts is not None), default=None)
         if anchor is None:
             continue  # nothing published: absent, not zero
@@ -412,21 +364,6 @@ def _one_minute_per_label_set(
             if value is not None:
                 samples.append(Sample(metric.spec, labels, value * metric.scale))
     return samples
-
-
-def _newest_plausible(got: dict[datetime, float | None]) -> datetime | None:
-    return max((ts for ts, value in got.items() if value is not None), default=None)
-
-
-def _plausible(value: object) -> bool:
-    """Every RDS Proxy metric is a count or a latency: a NaN, an infinity or a negative
-    number is a broken answer, and exporting it would trip alerts on nonsense."""
-    return (
-        isinstance(value, int | float)
-        and not isinstance(value, bool)
-        and math.isfinite(value)
-        and value >= 0
-    )
 
 
 def _iso(ts: float | None) -> str | None:

@@ -1,5 +1,7 @@
 """AWS for the tests: moto in server mode, and small local HTTP servers in front of it (or in
-its place) that count calls per API operation and answer with injected faults."""
+its place) that count calls per API operation and answer with injected faults. Where moto has
+no API the daemon calls, the fault proxy answers it itself: Performance Insights'
+GetResourceMetrics (`PerformanceInsights`), from datapoints a test puts."""
 
 from __future__ import annotations
 
@@ -123,6 +125,7 @@ class FaultProxy(LocalHttpServer):
         self._times: dict[str, list[float]] = defaultdict(list)
         self.empty_pages: dict[str, EmptyPages] = {}
         self.lock = threading.Lock()
+        self.performance_insights = PerformanceInsights()
         super().__init__()
 
     @staticmethod
@@ -144,6 +147,8 @@ class FaultProxy(LocalHttpServer):
             return fault
         if scan is not None:
             return self._scan(scan, method, path, headers, body)
+        if (headers.get("X-Amz-Target") or "").startswith(PerformanceInsights.TARGET_PREFIX):
+            return self.performance_insights.answer(op, body)
         return self.forward(method, path, headers, body)
 
     def _scan(
@@ -239,6 +244,60 @@ class FaultProxy(LocalHttpServer):
             self.lasting.clear()
             self.empty_pages.clear()
             self._times.clear()
+        self.performance_insights.reset()
+
+
+class PerformanceInsights:
+    """The Performance Insights API, which moto does not have: `GetResourceMetrics` (JSON 1.1)
+    answers from the datapoints `put()` for a DbiResourceId, aligned to the asked period. A
+    resource nothing was put for answers InvalidArgumentException, as AWS does for an instance
+    without Performance Insights."""
+
+    TARGET_PREFIX = "PerformanceInsightsv20180227."
+    HEADERS = {"Content-Type": "application/x-amz-json-1.1"}
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.points: dict[str, dict[str, list[tuple[float, float]]]] = {}
+
+    def put(self, resource_id: str, metric: str, points: list[tuple[float, float]]) -> None:
+        """(Unix time, value) datapoints of `metric` (e.g. os.general.numVCPUs.avg)."""
+        with self.lock:
+            self.points.setdefault(resource_id, {}).setdefault(metric, []).extend(points)
+
+    def reset(self) -> None:
+        with self.lock:
+            self.points.clear()
+
+    def answer(self, operation: str, body: bytes) -> Answer:
+        request = json.loads(body or b"{}")
+        if operation != "GetResourceMetrics":
+            return self._error(400, "InvalidArgumentException", f"{operation} is not emulated")
+        with self.lock:
+            known = self.points.get(request.get("Identifier", ""))
+            known = None if known is None else {k: list(v) for k, v in known.items()}
+        if known is None:
+            return self._error(400, "InvalidArgumentException", "Performance Insights is off")
+        start, end = float(request["StartTime"]), float(request["EndTime"])
+        period = int(request.get("PeriodInSeconds") or 60)
+        start, end = start // period * period, -(-end // period) * period
+        metrics = []
+        for query in request.get("MetricQueries", []):
+            name = query["Metric"]
+            points = sorted(p for p in known.get(name, []) if start <= p[0] < end)
+            datapoints = [{"Timestamp": t // period * period, "Value": v} for t, v in points]
+            metrics.append({"Key": {"Metric": name}, "DataPoints": datapoints})
+        answer = {
+            "AlignedStartTime": start,
+            "AlignedEndTime": end,
+            "Identifier": request.get("Identifier"),
+            "MetricList": metrics,
+        }
+        return 200, dict(self.HEADERS), json.dumps(answer).encode()
+
+    def _error(self, status: int, code: str, message: str) -> Answer:
+        body = json.dumps({"__type": code, "Message": message}).encode()
+        return status, dict(self.HEADERS), body
 
 
 # --- an RDS Proxy world in the emulator -------------------------------------------------------
@@ -300,6 +359,20 @@ def put_datapoints(
     """Datapoints of one RDS Proxy metric, as the proxy's hosts publish them (one each)."""
     dims = [{"Name": "ProxyName", "Value": proxy}]
     dims += [{"Name": k, "Value": v} for k, v in (extra or {}).items()]
+    cw.put_metric_data(
+        Namespace="AWS/RDS",
+        MetricData=[
+            {"MetricName": name, "Dimensions": dims, "Timestamp": when, "Value": v, "Unit": unit}
+            for v in values
+        ],
+    )
+
+
+def put_instance_datapoints(
+    cw: Any, instance: str, name: str, values: list[float], when: datetime, unit: str = "None"
+) -> None:
+    """Datapoints of one AWS/RDS metric of one DB instance (dimension DBInstanceIdentifier)."""
+    dims = [{"Name": "DBInstanceIdentifier", "Value": instance}]
     cw.put_metric_data(
         Namespace="AWS/RDS",
         MetricData=[

@@ -77,6 +77,9 @@ class ActivitySource(Source):
             config.activity.top_applications, other_key=("other", "other")
         )
         self._samples = 0
+        # every active-session second sampled, all databases (the AWS DBLoad cross-check)
+        self.active_seconds_total = 0.0
+        self._aws_vcpus: float | None = None  # set by the target's rds_instance source
 
     async def sample(self) -> Iterable[Sample]:
         rows = await self.conn.fetch(QUERY)
@@ -115,6 +118,7 @@ class ActivitySource(Source):
                 wait_type = row["wait_event_type"] or "CPU"
                 wait_event = row["wait_event"] or "CPU"
                 self._load[(db, wait_type, wait_event)] += n * step
+                self.active_seconds_total += n * step
                 self._by_app.add((db, row["application_name"]), n * step)
         self._by_app.commit()
         self._samples += 1
@@ -159,4 +163,11 @@ class ActivitySource(Source):
         yield Sample(m.ACTIVITY_SAMPLES, (), float(self._samples))
         yield Sample(m.MAX_CONNECTIONS, (), max_connections)
         if self.config.vcpus is not None:
-            yield Sample(m.VCPUS, (), float(self.config.vcpus))
+            yield Sample(m.VCPUS, ("config",), float(self.config.vcpus))
+        elif self._aws_vcpus is not None:
+            yield Sample(m.VCPUS, ("aws",), self._aws_vcpus)
+
+    def use_aws_vcpus(self, vcpus: float | None) -> None:
+        """The vCPUs AWS gave for this target (None: unknown), exported as pg_vcpus with
+        source="aws" beside the load it is compared with, unless `vcpus` is configured."""
+        self._aws_vcpus = vcpus
