@@ -43,6 +43,8 @@ CONTRACT_ALERTS = {
     ("PgPressureSourceDown", "warning"),
     ("PgPressureExporterDown", "critical"),
     ("PgPressureExporterAbsent", "warning"),
+    ("PgPressureDiagnosis", "warning"),
+    ("PgPressureDiagnosis", "critical"),
 }
 CONTRACT_NAMES = {name for name, _ in CONTRACT_ALERTS}
 # Series that Prometheus itself makes, which the rules may use beside ours.
