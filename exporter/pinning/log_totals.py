@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from exporter import metrics as m
 from exporter.logs import kv
 from exporter.metrics import Sample
-from exporter.pinning import fingerprints, logline, statements
+from exporter.pinning import fingerprints, logline, shapes, statements
 from exporter.pinning.silence import LogSilence
 from exporter.redaction import redact
 
@@ -45,6 +45,7 @@ class Tally:
     pins: Counter[str] = field(default_factory=Counter)
     would_pin: Counter[str] = field(default_factory=Counter)
     digests: Counter[str] = field(default_factory=Counter)
+    fingerprints: Counter[str] = field(default_factory=Counter)  # pins per fingerprint id
     unknown: set[str] = field(default_factory=set)  # reason wordings nothing recognised
     newest_ms: int | None = None  # the newest pin or would-pin line
 
@@ -57,8 +58,11 @@ class Tally:
             self.would_pin[line.reason] += 1
             return
         self.pins[line.reason] += 1
+        named = fingerprints.for_log_reason(line.reason_text)
         if line.digest:
             self.digests[line.digest] += 1
+            named += fingerprints.match(line.digest)
+        self.fingerprints.update({fp.id for fp in named})  # once per line
         if line.reason == statements.UNKNOWN:
             self.unknown.add(line.reason_text)
 
@@ -72,6 +76,7 @@ class LogTotals:
         self.silence = LogSilence(clock)
         self._digests: dict[str, Counter[str]] = {}
         self._digests_dropped: dict[str, int] = {}
+        self._fingerprints: dict[str, Counter[str]] = {}
         self._unknown_logged: set[str] = set()
 
     def commit(self, proxy: str, tally: Tally, watched_from: float) -> None:
@@ -80,6 +85,7 @@ class LogTotals:
             self.counts[key] = self.counts.get(key, 0.0) + tally.pins[reason]
             self.would_pin[key] = self.would_pin.get(key, 0.0) + tally.would_pin[reason]
         self._add_digests(proxy, tally.digests)
+        self._fingerprints.setdefault(proxy, Counter()).update(tally.fingerprints)
         self.silence.watching(proxy, watched_from)
         if tally.newest_ms is not None:
             self.silence.line_at(proxy, tally.newest_ms / 1000)
@@ -110,6 +116,7 @@ class LogTotals:
                 del totals[key]
         self._digests.pop(proxy, None)
         self._digests_dropped.pop(proxy, None)
+        self._fingerprints.pop(proxy, None)
         self.silence.forget(proxy)
 
     def samples(self, cloudwatch: Iterable[Sample]) -> list[Sample]:
@@ -144,13 +151,19 @@ class LogTotals:
                     "pins": float(pins),
                     "reason": logline.digest_reason(digest),
                     "fingerprints": [fp.id for fp in fingerprints.match(digest)],
+                    "statement_keys": list(shapes.statement_keys(digest)),
                 }
             )
         return out
 
+    def pins_by_fingerprint(self, proxy: str) -> dict[str, float]:
+        """Pins whose reason or Digest names a known fingerprint, by fingerprint id."""
+        return {k: float(v) for k, v in self._fingerprints.get(proxy, Counter()).items()}
+
     def details(self, proxy: str) -> dict[str, object]:
         """For the landing page: what the proxy's pinning lines said."""
         return {
+            "pins_by_fingerprint": self.pins_by_fingerprint(proxy),
             "pins_by_statement": self.statements(proxy),
             "statements_not_kept": self._digests_dropped.get(proxy, 0),
             "quiet_for_seconds": self.silence.quiet_for(proxy),
