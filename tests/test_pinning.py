@@ -5,15 +5,18 @@ statements), and the proxy's log lines as AWS writes them."""
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import asyncpg
 import pytest
 
 from exporter import metrics as m
-from exporter.pinning import logline
+from exporter.pinning import fingerprints, logline
 from exporter.pinning.risk import PinningRisk
 from exporter.pinning.statements import MAX_STATEMENT_BYTES, REASONS, classify, primary
 from tests.conftest import MONITOR_PASSWORD
+
+ROOT = Path(__file__).resolve().parents[1]
 
 # --- the classifier ----------------------------------------------------------------------
 
@@ -372,3 +375,17 @@ def test_the_prepared_statement_warning_is_a_would_pin_not_a_pin() -> None:
 def test_lines_that_are_not_about_pinning_are_ignored() -> None:
     assert logline.parse("[INFO] A new client connected from 10.0.1.17:52344.") is None
     assert logline.parse("") is None
+
+
+# --- the fingerprint table and its documentation --------------------------------------------
+
+
+@pytest.mark.parametrize("fp", fingerprints.FINGERPRINTS, ids=lambda fp: fp.id)
+def test_every_fingerprint_has_a_cited_fix_and_is_in_the_runbook(fp) -> None:
+    assert fp.origin and fp.fix and fp.docs
+    assert all(url.startswith("https://") for url in fp.docs)
+    assert fp.reason in REASONS
+    runbook = (ROOT / "docs" / "runbooks.md").read_text()
+    section = runbook.split("## RDSProxySessionPinningHigh", 1)[1].split("\n## ", 1)[0]
+    assert f"`{fp.id}`" in section
+    assert f"`{fp.id}`" in (ROOT / "docs" / "rds-proxy.md").read_text()
