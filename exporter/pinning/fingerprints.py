@@ -301,9 +301,17 @@ def _of_statement(f: shapes.Facts) -> list[Fingerprint]:
     return found or [fp for fp in FINGERPRINTS if fp.generic and fp.matches and fp.matches(f)]
 
 
-@functools.lru_cache(maxsize=4096)
 def match(sql: str) -> tuple[Fingerprint, ...]:
     """The known fingerprints of the statements in `sql`, in table order; () if none."""
+    return _cached_match(sql) if len(sql) <= shapes.CACHED_CHARS else _match(sql)
+
+
+@functools.lru_cache(maxsize=4096)
+def _cached_match(sql: str) -> tuple[Fingerprint, ...]:
+    return _match(sql)
+
+
+def _match(sql: str) -> tuple[Fingerprint, ...]:
     found = {fp.id for f in shapes.facts(sql) for fp in _of_statement(f)}
     return tuple(fp for fp in FINGERPRINTS if fp.id in found)
 

@@ -82,9 +82,22 @@ def _parts(sql: str) -> tuple[str, ...]:
     return ()
 
 
-@functools.lru_cache(maxsize=4096)
+#: Texts up to this long are cached: Digests and pinning statements repeat; a statement over
+#: RDS Proxy's 16 KB limit is classified once per queryid anyway and would only fill memory.
+CACHED_CHARS = 4096
+
+
 def facts(sql: str) -> tuple[Facts, ...]:
     """The facts of each statement in `sql`."""
+    return _cached_facts(sql) if len(sql) <= CACHED_CHARS else _facts(sql)
+
+
+@functools.lru_cache(maxsize=4096)
+def _cached_facts(sql: str) -> tuple[Facts, ...]:
+    return _facts(sql)
+
+
+def _facts(sql: str) -> tuple[Facts, ...]:
     out = []
     for part in _parts(sql):
         finder = _FactFinder()
