@@ -33,10 +33,11 @@ COPY requirements/daemon.txt ./requirements/
 COPY pyproject.toml README.md ./
 COPY exporter ./exporter
 COPY pgpressure-sqlalchemy/src/pgpressure_sqlalchemy/wire.py ./pgpressure-sqlalchemy/src/pgpressure_sqlalchemy/
-# botocore's API models: only the services the daemon calls (rds, cloudwatch, logs; sts for
-# role_arn) and the ones botocore's credential chain may call (sts for IRSA and assumed-role
-# profiles, sso and sso-oidc for SSO profiles, signin for `aws login` sessions).
-ARG BOTOCORE_SERVICES="rds cloudwatch logs sts sso sso-oidc signin"
+# botocore's API models: only the services the daemon calls (rds, cloudwatch, logs; ec2 and pi
+# for the vCPUs of a target's RDS instance; sts for role_arn) and the ones botocore's
+# credential chain may call (sts for IRSA and assumed-role profiles, sso and sso-oidc for SSO
+# profiles, signin for `aws login` sessions).
+ARG BOTOCORE_SERVICES="rds cloudwatch logs ec2 pi sts sso sso-oidc signin"
 # --only-binary: every dependency ships manylinux wheels, so no compiler is ever needed.
 # Then what the image does not need at run time: pip and setuptools (nothing installs into
 # the venv later), the wheels' C sources, Cython files and type stubs, the debug info in

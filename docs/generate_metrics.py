@@ -48,6 +48,15 @@ SECTIONS = (
         "`target` are empty for the proxy-wide series. See docs/rds-proxy.md.",
     ),
     (
+        "aws_rds_",
+        "RDS and Aurora instances",
+        "Read for targets with an `aws:` block by their `rds_instance` source: CloudWatch "
+        "(`AWS/RDS`, dimension `DBInstanceIdentifier`, 60 s periods ending "
+        "`aws.rds_proxy.delay` ago, in the same GetMetricData call as RDS Proxy) and "
+        "DescribeDBInstances/DescribeDBClusters. Every series also has the `target` label. "
+        "See docs/aurora.md.",
+    ),
+    (
         "pgpressure_",
         "The exporter itself",
         "Health of each source (`source` is activity, database, apps or rds_proxy; `target` is "
@@ -70,8 +79,9 @@ OTEL = {
 
 
 def scope_labels(spec: MetricSpec) -> tuple[str, ...]:
-    """Labels the daemon adds around a spec's own: `target` on every PostgreSQL metric."""
-    return ("target",) if spec.name.startswith("pg_") else ()
+    """Labels the daemon adds around a spec's own: `target` on every PostgreSQL metric and
+    every RDS instance metric."""
+    return ("target",) if spec.name.startswith(("pg_", "aws_rds_")) else ()
 
 
 def labels_of(spec: MetricSpec) -> tuple[str, ...]:

@@ -46,7 +46,7 @@ TAG = "localhost/pgpressure:test"
 BUILD_TIMEOUT = 1800  # cold: mmdebstrap, apt-get in the build stage, pip; about 90 s here
 SIZE_BUDGET = 200_000_000  # bytes; 167 MB when this was written (352 MB before the cuts)
 # what the daemon's AWS sources and botocore's credential chain call (see the Dockerfile)
-BOTOCORE_SERVICES = {"cloudwatch", "logs", "rds", "signin", "sso", "sso-oidc", "sts"}
+BOTOCORE_SERVICES = {"cloudwatch", "ec2", "logs", "pi", "rds", "signin", "sso", "sso-oidc", "sts"}
 EMULATOR_PORT = 4566  # where the emulator answers inside the namespace
 TOKEN = "image-test-token-7c1d"
 
