@@ -171,7 +171,14 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         return _fail(str(exc))
     log.info("starting pgpressure", extra=logs.kv(version=__version__, config=args.config_file))
-    daemon = Daemon(config, args.listen_address, ssl_context, middlewares, args.max_connections)
+    daemon = Daemon(
+        config,
+        args.listen_address,
+        ssl_context,
+        middlewares,
+        args.max_connections,
+        config_file=args.config_file,  # re-read on SIGHUP and POST /-/reload
+    )
     try:
         asyncio.run(daemon.run())
     except OSError as exc:

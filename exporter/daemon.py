@@ -4,13 +4,15 @@ APScheduler's asyncio scheduler runs each source on its own interval, missed run
 the runner skips a tick while the previous run of the same source is still going. All I/O is
 awaited, so a slow database delays the samples of its own target (its activity and database
 sources share one connection) and nothing else: /metrics is rendered from the store. SIGTERM
-and SIGINT stop everything within a couple of seconds, cancelling runs in flight.
+and SIGINT stop everything within a couple of seconds, cancelling runs in flight; SIGHUP (or
+POST /-/reload) re-reads the configuration file and applies what changed (`exporter.reload`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import math
 import signal
@@ -18,8 +20,11 @@ import ssl
 import time
 from collections.abc import Callable
 from datetime import datetime, timedelta
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
+from apscheduler.jobstores.base import JobLookupError
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
 from exporter.config import Config
@@ -33,9 +38,14 @@ from exporter.http.connlimit import DEFAULT_MAX_CONNECTIONS, CappedSite
 from exporter.http.routes import build_app
 from exporter.http.status import DaemonStatus, SourceStatus, TargetStatus
 from exporter.logs import kv
+from exporter.metrics import Sample
 from exporter.postgres.activity import ActivitySource
 from exporter.postgres.connection import TargetConnection
 from exporter.postgres.database import DatabaseSource
+from exporter.reload import Part, Plan, Reloader, ReloadStatus, plan
+
+if TYPE_CHECKING:
+    from exporter.ingest import Ingest
 
 log = logging.getLogger("pgpressure.daemon")
 
@@ -52,6 +62,40 @@ def parse_listen_address(address: str) -> tuple[str | None, int]:
     return host.strip("[]") or None, int(port)
 
 
+def config_slices(config: Config) -> dict[str, object]:
+    """The configuration cut into the parts that are built, and on reload replaced, together
+    (see `exporter.reload`): each target, ingest, the AWS sources. Targets come first: the
+    AWS sources are given their activity sources."""
+    slices: dict[str, object] = {f"target:{db.name}": db for db in config.databases}
+    if config.ingest.enabled:
+        slices["ingest"] = config.ingest
+    aws_targets = tuple(db for db in config.databases if db.aws is not None)
+    if config.aws.rds_proxy.enabled or aws_targets:
+        # with the targets it reads for, whose activity sources it feeds
+        slices["aws"] = (config.aws, aws_targets)
+    return slices
+
+
+def build_part(config: Config, key: str, piece: Any, sources: list[Source]) -> Part:
+    """The sources (and connection) of one part of the configuration; no I/O."""
+    if key.startswith("target:"):
+        conn = TargetConnection(piece)
+        # One datname cap per target, so its sources agree on which databases are other.
+        datnames = LabelCap(piece.max_datnames)
+        activity = ActivitySource(piece, conn, datnames)
+        return Part(piece, [activity, DatabaseSource(piece, conn, datnames)], [conn])
+    if key == "ingest":
+        from exporter.ingest import Ingest
+
+        ingest = Ingest(piece)
+        return Part(piece, [ingest], update=ingest.reconfigure)
+    if key == "aws":
+        from exporter.aws.wiring import aws_sources  # boto3 only when AWS is configured
+
+        return Part(piece, aws_sources(config, sources))
+    raise ValueError(f"no part of the configuration is called {key!r}")
+
+
 class Daemon:
     def __init__(
         self,
@@ -60,7 +104,9 @@ class Daemon:
         ssl_context: ssl.SSLContext | None = None,
         middlewares: list[Callable] | None = None,
         max_connections: int = DEFAULT_MAX_CONNECTIONS,
+        config_file: str | Path | None = None,
     ) -> None:
+        """`config_file`: where SIGHUP and POST /-/reload re-read the configuration from."""
         self.config = config
         self.listen_address = listen_address
         self.max_connections = max_connections
@@ -69,30 +115,33 @@ class Daemon:
         self.middlewares = middlewares or []
         self.store = Store()
         self.own_series = SelfMetrics(self.store)
-        self.renderer = Renderer(self.store, self.own_series.samples)
-        self.connections = [TargetConnection(db) for db in config.databases]
-        self.sources: list[Source] = []
-        self.database_sources: list[DatabaseSource] = []
-        for conn in self.connections:
-            # One datname cap per target, so its sources agree on which databases are other.
-            datnames = LabelCap(conn.config.max_datnames)
-            self.sources.append(ActivitySource(conn.config, conn, datnames))
-            db_source = DatabaseSource(conn.config, conn, datnames)
-            self.database_sources.append(db_source)
-            self.sources.append(db_source)
-        self.ingest = None
-        if config.ingest.enabled:
-            from exporter.ingest import Ingest
-
-            self.ingest = Ingest(config.ingest)
-            self.sources.append(self.ingest)
-        if config.aws.rds_proxy.enabled or any(db.aws for db in config.databases):
-            from exporter.aws.wiring import aws_sources  # boto3 only when AWS is configured
-
-            self.sources += aws_sources(config, self.sources)
-        self.runners = [SourceRunner(s, self.store) for s in self.sources]
+        self.reloader = Reloader(config_file, self._prepare, self._commit, ReloadStatus(self.store))
+        self.renderer = Renderer(self.store, self._own_samples)
+        build = functools.partial(build_part, config)
+        self.parts = plan({}, config_slices(config), build).parts
+        for part in self.parts.values():
+            part.runners = [SourceRunner(s, self.store) for s in part.sources]
         self._stop = asyncio.Event()
+        self._scheduler: AsyncIOScheduler | None = None
+        self._background: set[asyncio.Task] = set()
         self.bound_port: int | None = None
+
+    # -- what runs, across the parts ----------------------------------------------------------
+    @property
+    def runners(self) -> list[SourceRunner]:
+        return [r for part in self.parts.values() for r in part.runners]
+
+    @property
+    def sources(self) -> list[Source]:
+        return [s for part in self.parts.values() for s in part.sources]
+
+    @property
+    def ingest(self) -> Ingest | None:
+        part = self.parts.get("ingest")
+        return None if part is None else part.sources[0]
+
+    def _own_samples(self) -> list[Sample]:
+        return [*self.own_series.samples(), *self.reloader.status.samples()]
 
     # -- queries from the web layer ---------------------------------------------------------
     def ready(self) -> bool:
@@ -129,8 +178,8 @@ class Daemon:
     def pinning_offenders(self) -> dict[str, list[dict]]:
         return {
             s.target: s.pinning.top_offenders()
-            for s in self.database_sources
-            if s.pinning is not None
+            for s in self.sources
+            if isinstance(s, DatabaseSource) and s.pinning is not None
         }
 
     # -- lifecycle --------------------------------------------------------------------------
@@ -142,8 +191,11 @@ class Daemon:
         for sig in (signal.SIGTERM, signal.SIGINT):
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.add_signal_handler(sig, self.stop)
+        with contextlib.suppress(NotImplementedError, RuntimeError, AttributeError):
+            loop.add_signal_handler(signal.SIGHUP, self._reload_in_background)
         runner = await self._serve()
-        scheduler = self._schedule(AsyncIOScheduler(event_loop=loop))
+        scheduler = self._scheduler = AsyncIOScheduler(event_loop=loop)
+        self._schedule(self.runners)
         scheduler.start()
         try:
             await self._stop.wait()
@@ -178,12 +230,12 @@ class Daemon:
         )
         return runner
 
-    def _schedule(self, scheduler: AsyncIOScheduler) -> AsyncIOScheduler:
+    def _schedule(self, runners: list[SourceRunner]) -> None:
         """One interval job per source, first runs staggered."""
         start = datetime.now()
-        for i, source_runner in enumerate(self.runners):
+        for i, source_runner in enumerate(runners):
             interval = source_runner.source.interval
-            scheduler.add_job(
+            self._scheduler.add_job(
                 source_runner.run_once,
                 "interval",
                 seconds=interval,
@@ -204,7 +256,48 @@ class Daemon:
                     interval=f"{interval:g}s",
                 ),
             )
-        return scheduler
+
+    # -- reload -------------------------------------------------------------------------------
+    async def reload(self) -> str | None:
+        """Re-read the configuration file and apply what changed (see `exporter.reload`):
+        None when done, else why not, the configuration in use kept."""
+        return await self.reloader.reload()
+
+    def _reload_in_background(self) -> None:
+        """SIGHUP: reload as a task of its own (a signal handler must not block the loop)."""
+        task = asyncio.get_running_loop().create_task(self.reload())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    def _prepare(self, config: Config) -> Plan:
+        """The new parts of this configuration, built but not started; raises if one cannot
+        be built, before anything has changed."""
+        build = functools.partial(build_part, config)
+        return plan(self.parts, config_slices(config), build)
+
+    async def _commit(self, config: Config, change: Plan) -> None:
+        """Stop what the plan drops or replaces (their series leave the store), update what
+        takes its change in place, then start the new parts. Never raises."""
+        stopping = [r for part in change.stop.values() for r in part.runners]
+        for r in stopping:
+            if self._scheduler is not None:
+                with contextlib.suppress(JobLookupError):
+                    self._scheduler.remove_job(f"{r.key[0]}:{r.key[1]}")
+        await asyncio.gather(*(r.stop() for r in stopping), return_exceptions=True)
+        for part in change.stop.values():
+            await asyncio.gather(*(s.close() for s in part.sources), return_exceptions=True)
+            await asyncio.gather(*(c.close() for c in part.connections), return_exceptions=True)
+        for r in stopping:
+            self.store.forget(r.key)
+        for _, part, piece in change.updates:
+            part.update(piece)
+            part.slice = piece
+        self.parts = change.parts
+        self.config = config
+        for part in change.start:
+            part.runners = [SourceRunner(s, self.store) for s in part.sources]
+            if self._scheduler is not None:
+                self._schedule(part.runners)
 
     def _http_connection_refused(self) -> None:
         """Count a connection closed at the cap; say so in the log at most once a minute."""
@@ -224,7 +317,8 @@ class Daemon:
         async def close_all() -> None:
             await asyncio.gather(*(r.stop() for r in self.runners), return_exceptions=True)
             await asyncio.gather(*(s.close() for s in self.sources), return_exceptions=True)
-            await asyncio.gather(*(c.close() for c in self.connections), return_exceptions=True)
+            connections = [c for part in self.parts.values() for c in part.connections]
+            await asyncio.gather(*(c.close() for c in connections), return_exceptions=True)
             await runner.cleanup()
 
         try:

@@ -546,6 +546,19 @@ HTTP_CONNECTIONS_REFUSED = _spec(
     "Connections closed on accept because --web.max-connections were already open.",
     producer="exporter.core.selfmetrics",
 )
+CONFIG_LAST_RELOAD_SUCCESSFUL = _spec(
+    "pgpressure_config_last_reload_successful",
+    "gauge",
+    "1 if the last reload of --config.file (SIGHUP or POST /-/reload) succeeded, else 0: "
+    "the daemon then runs on the configuration it had before.",
+    producer="exporter.reload",
+)
+CONFIG_LAST_RELOAD_SUCCESS = _spec(
+    "pgpressure_config_last_reload_success_timestamp_seconds",
+    "gauge",
+    "Unix time the configuration in use was loaded: at start or by the last good reload.",
+    producer="exporter.reload",
+)
 CLOUDWATCH_METRICS_REQUESTED = _spec(
     "pgpressure_cloudwatch_metrics_requested_total",
     "counter",

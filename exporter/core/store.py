@@ -55,6 +55,12 @@ class Store:
         self._snapshots[key] = Snapshot(kept, snap.scope)
         self.version += 1
 
+    def forget(self, key: SourceKey) -> None:
+        """A source that is gone (its target removed by a reload): its series and health go."""
+        self._snapshots.pop(key, None)
+        self._health.pop(key, None)
+        self.version += 1
+
     def health(self, key: SourceKey) -> SourceHealth:
         h = self._health.get(key)
         if h is None:

@@ -62,6 +62,21 @@ async def pinning_risk(request: web.Request) -> web.Response:
     return web.json_response({"targets": daemon.pinning_offenders()})
 
 
+async def reload(request: web.Request) -> web.Response:
+    """POST /-/reload, as in Prometheus: re-read --config.file like SIGHUP does. 200 when
+    applied; 500 with the reason (file, line, key) when the configuration in use is kept."""
+    error = await request.app[DAEMON].reload()
+    if error is None:
+        return web.Response(text="configuration reloaded\n")
+    return web.Response(status=500, text=f"failed to reload config: {error}\n")
+
+
+async def reports(request: web.Request) -> web.Response:
+    """POST REPORTS_PATH, to the ingest of the configuration in use (a reload may turn it on
+    or off)."""
+    return await reports_handler(request.app[DAEMON].ingest)(request)
+
+
 async def landing_page(request: web.Request) -> web.Response:
     """The landing page, from the daemon's status (see `exporter.http.landing`)."""
     page = landing.render(request.app[DAEMON].status())
@@ -87,6 +102,8 @@ def build_app(daemon: DaemonView, middlewares: list | None = None) -> web.Applic
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/-/healthy", healthy)
     app.router.add_get("/-/ready", ready)
-    app.router.add_post(REPORTS_PATH, reports_handler(daemon.ingest))
+    app.router.add_post("/-/reload", reload)
+    app.router.add_put("/-/reload", reload)
+    app.router.add_post(REPORTS_PATH, reports)
     app.router.add_get("/api/v1/pinning-risk", pinning_risk)
     return app

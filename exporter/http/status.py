@@ -65,6 +65,10 @@ class DaemonView(Protocol):
 
     def status(self) -> DaemonStatus: ...
 
+    async def reload(self) -> str | None:
+        """Re-read the configuration file: None when applied, else why it was not."""
+        ...
+
     def pinning_offenders(self) -> dict[str, list[dict]]:
         """Per target, the statements that would pin RDS Proxy sessions."""
         ...

@@ -45,6 +45,12 @@ class Ingest(Source):
         self.aggregator.expire()
         return [*self.aggregator.samples(), *self.handler.results.samples()]
 
+    def reconfigure(self, config: IngestConfig) -> None:
+        """A reloaded `ingest:` block (token, limits, caps, staleness) applies from the next
+        push on; the aggregates, and so the apps' counters, are kept."""
+        self.aggregator.config = config
+        self.handler.reconfigure(config)
+
     def live_processes(self) -> int:
         """App processes reporting now, for the landing page."""
         return self.aggregator.live_processes()

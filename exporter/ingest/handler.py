@@ -43,6 +43,14 @@ class IngestHandler:
         self.aggregator = aggregator
         self.auth = BearerAuth(config, clock)
         self.results = Results()
+        self._clock = clock
+        self._slots = asyncio.Semaphore(config.max_concurrent_requests)
+
+    def reconfigure(self, config: IngestConfig) -> None:
+        """New limits and token from the next push on (a reload); pushes already holding a
+        slot release the one they took."""
+        self.config = config
+        self.auth = BearerAuth(config, self._clock)
         self._slots = asyncio.Semaphore(config.max_concurrent_requests)
 
     async def handle(self, request: web.Request) -> web.Response:
@@ -74,9 +82,10 @@ class IngestHandler:
 
     @contextlib.asynccontextmanager
     async def _slot(self) -> AsyncIterator[None]:
+        slots = self._slots  # a reload may replace it while this push holds a slot
         try:
             async with asyncio.timeout(SLOT_WAIT):
-                await self._slots.acquire()
+                await slots.acquire()
         except TimeoutError:
             raise Refused(
                 503, "busy", "too many concurrent reports; retry", {"Retry-After": RETRY_AFTER}
@@ -84,7 +93,7 @@ class IngestHandler:
         try:
             yield
         finally:
-            self._slots.release()
+            slots.release()
 
 
 async def ingest_disabled(request: web.Request) -> web.Response:
