@@ -20,7 +20,7 @@ from exporter import metrics as m
 from exporter.aws.cloudwatch import MetricData
 from exporter.aws.rds_instances import RdsInstanceSource
 from exporter.aws.rds_proxy import RdsProxySource
-from exporter.config import AwsConfig, DatabaseConfig
+from exporter.config import AwsConfig, ConfigError, DatabaseConfig, DiagnosisConfig, parse
 from exporter.core.cardinality import LabelCap
 from exporter.core.render import Renderer
 from exporter.core.runner import SourceRunner
@@ -33,6 +33,7 @@ from exporter.devtools.aws_emulator import (
     put_instance_datapoints,
 )
 from exporter.devtools.daemon_process import run_daemon
+from exporter.diagnosis.engine import MIN_TICKS, DiagnosisSource
 from exporter.postgres.activity import ActivitySource
 from exporter.postgres.connection import TargetConnection
 from tests import test_rds_proxy
@@ -443,6 +444,26 @@ async def test_discovery_denied_fails_this_target_only(aws, fault_proxy) -> None
     assert 'pgpressure_source_up{source="rds_instance",target="main"} 0.0' in text
 
 
+async def test_a_throttled_rediscovery_keeps_the_instance_it_had(aws, fault_proxy) -> None:
+    host = create_instance(aws["rds"], "orders-db", "db.r6g.2xlarge")
+    put_load(aws["cloudwatch"], "orders-db", minute(T0 + 300, 0), cpu=42.0, dbload=None)
+    store, clock = Store(), Clock(T0)
+    runner = SourceRunner(instance_source(fault_proxy.url, target(host), clock), store)
+    await runner.run_once()
+    fault_proxy.inject_until_cleared(
+        "DescribeDBInstances", 400, rds_error("Throttling"), {**XML, "x-amzn-query-error": "x"}
+    )
+    clock.now += 300  # the next discovery is throttled
+    await runner.run_once()
+    assert store.health(runner.key).up
+    status = runner.source.status()
+    assert status["instance"] == "orders-db" and status["vcpus"] == 8.0
+    assert "Throttling" in status["problems"]["discovery"]
+    assert status["missing_permissions"] == "none"  # throttled is not denied
+    cpu = by_name(dict(store.snapshots())[runner.key].samples)["aws_rds_cpu_utilization_ratio"]
+    assert cpu == pytest.approx(0.42)
+
+
 async def test_throttled_metric_data_is_one_failed_call_for_the_minute(aws, fault_proxy) -> None:
     """A throttled GetMetricData fails every source whose queries it carried, once: the
     minute's other sources are not answered with more calls; the last values stay."""
@@ -526,6 +547,89 @@ async def test_load_that_disagrees_with_dbload_is_logged(aws, fault_proxy, pg, c
     assert warned[0].fields["aas"] == pytest.approx(2.0, abs=0.2)
     assert warned[0].fields["dbload"] == 4.0 and warned[0].fields["target"] == "main"
     assert "disagree" in source.status()["aas_vs_dbload"]
+
+
+# --- configuration -----------------------------------------------------------------------------
+
+
+def test_the_aws_block_of_a_target_and_its_mistakes_with_key_and_line() -> None:
+    ok = parse(
+        "databases:\n  - name: main\n    dsn: postgresql://m@orders.cluster-x.rds.amazonaws.com/db\n"
+        "    aws: {discovery_interval: 10m}\n"
+    )
+    block = ok.databases[0].aws
+    assert block is not None and block.discovery_interval == 600.0
+    assert block.db_instance_identifier is None and block.performance_insights is True
+    assert ok.databases[0].host() == "orders.cluster-x.rds.amazonaws.com"
+    assert parse("databases: []\n").databases == []
+    mistakes = {
+        "    aws: {instance: orders-1}\n": "c.yaml line 4: databases[0].aws.instance: unknown key",
+        "    aws:\n      db_instance_identifier: 1orders\n": (
+            "c.yaml line 5: databases[0].aws.db_instance_identifier: not an RDS DB instance "
+            "identifier"
+        ),
+    }
+    for block_text, message in mistakes.items():
+        with pytest.raises(ConfigError) as raised:
+            parse(
+                f"databases:\n  - name: main\n    dsn: postgresql://m@h/db\n{block_text}", "c.yaml"
+            )
+        assert str(raised.value).startswith(message)
+    with pytest.raises(ConfigError) as raised:
+        parse("databases:\n  - name: main\n    dsn: postgresql:///db\n    aws: {}\n", "c.yaml")
+    assert str(raised.value) == (
+        "c.yaml line 4: databases[0].aws: the dsn names no single host to find the instance "
+        "by: set aws.db_instance_identifier"
+    )
+
+
+# --- the diagnosis judges against the vCPUs AWS gave ------------------------------------------
+
+BURN_CPU = """DO $$BEGIN
+  WHILE clock_timestamp() < statement_timestamp() + interval '4 s' LOOP END LOOP;
+END$$"""
+
+
+@pytest.mark.parametrize("vcpus_from_aws", [True, False], ids=["aws", "none"])
+async def test_database_cpu_saturated_uses_the_vcpus_from_aws(
+    aws, fault_proxy, pg, vcpus_from_aws
+) -> None:
+    """Two sessions burn CPU in the real PostgreSQL; the instance's class, db.t2.micro, has one
+    vCPU. With the vCPUs from AWS the diagnosis finds the database CPU-saturated; with no vCPUs
+    configured or read from anywhere it says nothing about CPU (it never guesses)."""
+    host = create_instance(aws["rds"], "orders-db", "db.t2.micro")
+    db = DatabaseConfig(
+        name="main",
+        dsn=f"postgresql://m@{host}/postgres",
+        activity={"interval": 15},  # each sample stands for one 15 s tick of the fake clock
+        aws={} if vcpus_from_aws else None,
+    )
+    conn = TargetConnection(pg_config(pg))
+    store, clock = Store(), Clock(T0)
+    activity = SourceRunner(ActivitySource(db, conn, LabelCap(10)), store)
+    if vcpus_from_aws:
+        await instance_source(
+            fault_proxy.url, db, clock, on_vcpus=activity.source.use_aws_vcpus
+        ).sample()
+    diagnosis = DiagnosisSource(DiagnosisConfig(interval=15, window=60), store, clock=clock)
+    burners = [await asyncpg.connect(pg.dsn("postgres")) for _ in range(2)]
+    burning = [asyncio.create_task(c.execute(BURN_CPU)) for c in burners]
+    try:
+        await asyncio.sleep(0.3)
+        for _ in range(MIN_TICKS + 1):
+            await activity.run_once()
+            findings = diagnosis.evaluate()
+            clock.now += 15
+    finally:
+        await asyncio.gather(*burning, return_exceptions=True)
+        for c in burners:
+            await c.close()
+        await conn.close()
+    assert vcpus_of(dict(store.snapshots())[activity.key].samples) == (
+        {"aws": 1.0} if vcpus_from_aws else {}
+    )
+    rules = {s.labels[0] for s in findings}
+    assert ("database_cpu_saturated" in rules) is vcpus_from_aws
 
 
 # --- the whole daemon ---------------------------------------------------------------------------
