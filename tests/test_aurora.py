@@ -363,6 +363,14 @@ async def test_serverless_v2_capacity_and_vcpus_from_performance_insights(aws, f
     assert seen[-1] == 8.0
     assert "Performance Insights" in source.status()["vcpus_from"]
 
+    # the permission is taken away: unknown again, said so, the capacity still comes
+    denied = json.dumps({"__type": "NotAuthorizedException", "Message": "not authorized"})
+    fault_proxy.inject_until_cleared("GetResourceMetrics", 403, denied, JSON11)
+    clock.now += 60
+    values = by_name(await source.sample())
+    assert seen[-1] is None and values["aws_rds_serverless_database_capacity_acus"] == 4.0
+    assert source.status()["missing_permissions"] == "pi:GetResourceMetrics"
+
 
 # --- missing permissions and throttling ---------------------------------------------------------
 

@@ -35,7 +35,7 @@ from datetime import UTC, datetime
 
 from exporter import metrics as m
 from exporter.aws import rds_discovery
-from exporter.aws.clients import DENIED, EXPIRED, AwsApiError, off_the_loop
+from exporter.aws.clients import DENIED, EXPIRED, THROTTLED, AwsApiError, off_the_loop
 from exporter.aws.cloudwatch import MetricData, Points, Query, newest
 from exporter.aws.load_check import WINDOW, LoadCheck
 from exporter.aws.rds_discovery import Instance, InstanceNotFound
@@ -257,6 +257,10 @@ class RdsInstanceSource(Source):
             vcpus = self.lookup.from_performance_insights(instance.resource_id)
         except (AwsApiError, NoVcpuFigure) as exc:
             self._problem("performance_insights", "pi", exc)
+            throttled = isinstance(exc, AwsApiError) and exc.code in THROTTLED
+            if throttled and self.vcpus is not None:  # a minute-old figure beats none
+                self._set_vcpus(self.vcpus, "Serverless v2: last Performance Insights answer")
+                return False
             reason = exc.code if isinstance(exc, AwsApiError) else str(exc)
             self._set_vcpus(None, f"unknown: Serverless v2, Performance Insights: {reason}")
             return False
