@@ -34,6 +34,7 @@ from exporter.core.runner import SourceRunner
 from exporter.core.selfmetrics import SelfMetrics
 from exporter.core.source import Source
 from exporter.core.store import Store
+from exporter.diagnosis.engine import DiagnosisSource, risky_reader
 from exporter.http.connlimit import DEFAULT_MAX_CONNECTIONS, CappedSite
 from exporter.http.routes import build_app
 from exporter.http.status import DaemonStatus, SourceStatus, TargetStatus
@@ -42,7 +43,7 @@ from exporter.metrics import Sample
 from exporter.postgres.activity import ActivitySource
 from exporter.postgres.connection import TargetConnection
 from exporter.postgres.database import DatabaseSource
-from exporter.reload import Part, Plan, Reloader, ReloadStatus, plan
+from exporter.reload import Build, Part, Plan, Reloader, ReloadStatus, plan
 
 if TYPE_CHECKING:
     from exporter.ingest import Ingest
@@ -73,11 +74,21 @@ def config_slices(config: Config) -> dict[str, object]:
     if config.aws.rds_proxy.enabled or aws_targets:
         # with the targets it reads for, whose activity sources it feeds
         slices["aws"] = (config.aws, aws_targets)
+    if config.diagnosis.enabled:
+        slices["diagnosis"] = config.diagnosis  # last: it reads what every other part samples
     return slices
 
 
-def build_part(config: Config, key: str, piece: Any, sources: list[Source]) -> Part:
-    """The sources (and connection) of one part of the configuration; no I/O."""
+def build_part(
+    config: Config,
+    key: str,
+    piece: Any,
+    sources: list[Source],
+    store: Store | None = None,
+    running: Callable[[], list[Source]] | None = None,
+) -> Part:
+    """The sources (and connection) of one part of the configuration; no I/O. `sources`:
+    those of the parts built before it; `running`: the daemon's sources as they are now."""
     if key.startswith("target:"):
         conn = TargetConnection(piece)
         # One datname cap per target, so its sources agree on which databases are other.
@@ -93,6 +104,11 @@ def build_part(config: Config, key: str, piece: Any, sources: list[Source]) -> P
         from exporter.aws.wiring import aws_sources  # boto3 only when AWS is configured
 
         return Part(piece, aws_sources(config, sources))
+    if key == "diagnosis" and store is not None:
+        # The pinning-risk reports of the targets running at each evaluation, not of those at
+        # build time: a reload replaces targets and keeps the diagnosis (and its history).
+        current = running or (lambda: sources)
+        return Part(piece, [DiagnosisSource(piece, store, lambda: risky_reader(current())())])
     raise ValueError(f"no part of the configuration is called {key!r}")
 
 
@@ -117,8 +133,7 @@ class Daemon:
         self.own_series = SelfMetrics(self.store)
         self.reloader = Reloader(config_file, self._prepare, self._commit, ReloadStatus(self.store))
         self.renderer = Renderer(self.store, self._own_samples)
-        build = functools.partial(build_part, config)
-        self.parts = plan({}, config_slices(config), build).parts
+        self.parts = plan({}, config_slices(config), self._builder(config)).parts
         for part in self.parts.values():
             part.runners = [SourceRunner(s, self.store) for s in part.sources]
         self._stop = asyncio.Event()
@@ -138,6 +153,11 @@ class Daemon:
     @property
     def ingest(self) -> Ingest | None:
         part = self.parts.get("ingest")
+        return None if part is None else part.sources[0]
+
+    @property
+    def diagnosis(self) -> DiagnosisSource | None:
+        part = self.parts.get("diagnosis")
         return None if part is None else part.sources[0]
 
     def _own_samples(self) -> list[Sample]:
@@ -272,8 +292,10 @@ class Daemon:
     def _prepare(self, config: Config) -> Plan:
         """The new parts of this configuration, built but not started; raises if one cannot
         be built, before anything has changed."""
-        build = functools.partial(build_part, config)
-        return plan(self.parts, config_slices(config), build)
+        return plan(self.parts, config_slices(config), self._builder(config))
+
+    def _builder(self, config: Config) -> Build:
+        return functools.partial(build_part, config, store=self.store, running=lambda: self.sources)
 
     async def _commit(self, config: Config, change: Plan) -> None:
         """Stop what the plan drops or replaces (their series leave the store), update what

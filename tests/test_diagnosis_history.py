@@ -32,6 +32,20 @@ def test_rate_folds_counter_resets_in_like_increase() -> None:
     assert history.rate(m.POOL_CHECKOUTS.name, ("app",)) == {("orders",): 95.0 / 60.0}
 
 
+def test_a_counter_born_inside_the_window_counts_from_zero_over_the_whole_window() -> None:
+    """As rate() over [60s]: a load counter that appears with the load, 15 s before the end,
+    averages 30 growth over 60 s, not over the 15 s it existed."""
+    history, store = History(window=60, step=15), Store()
+    for i in range(5):
+        samples = [Sample(m.POOL_CHECKOUTS, ("old", "p"), 100.0 + i)]
+        if i >= 3:
+            samples.append(Sample(m.POOL_CHECKOUTS, ("new", "p"), 15.0 * (i - 2)))
+        store.publish(("apps", ""), samples)
+        tick(history, store, i)
+    rates = history.rate(m.POOL_CHECKOUTS.name, ("app",))
+    assert rates == {("old",): 4 / 60, ("new",): 30 / 60}
+
+
 def test_the_window_slides_and_a_series_without_points_in_it_is_dropped() -> None:
     history, store = History(window=30, step=15), Store()
     for i in range(3):

@@ -165,3 +165,7 @@ def _short(value: object) -> str:
     if isinstance(value, float):
         return f"{value:.4g}"
     return str(value)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

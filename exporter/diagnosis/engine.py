@@ -123,6 +123,21 @@ def links(evidence: Evidence | None) -> list[dict[str, object]]:
     ]
 
 
+def risky_reader(sources: Iterable[Source]) -> RiskyReader:
+    """The live pinning-risk statements of the database sources among `sources` (those with
+    a pinning-risk report, `source.pinning`), read at each evaluation."""
+    reports = [s for s in sources if getattr(s, "pinning", None) is not None]
+
+    def read() -> list[RiskyStatement]:
+        return [
+            r
+            for s in reports
+            for r in risky_from_offenders(s.target, s.pinning.top_offenders(), s.interval)
+        ]
+
+    return read
+
+
 def risky_from_offenders(
     target: str, offenders: Iterable[Mapping[str, Any]], interval: float
 ) -> list[RiskyStatement]:

@@ -78,6 +78,7 @@ class _Series:
     """
 
     __slots__ = (
+        "born",
         "bounds",
         "buckets",
         "counter",
@@ -94,6 +95,7 @@ class _Series:
     ) -> None:
         self.labels = dict(labels)
         self.last = -1  # the tick last written
+        self.born = -1  # the tick first written
         self.counter = kind != "gauge"
         self.values = array("d", [NAN]) * points  # a histogram: its sums
         self.counts: array | None = None
@@ -131,6 +133,8 @@ class _Series:
                 for t, r, p in zip(self.total, raw, self.prev, strict=True)
             ]
         self.prev = raw
+        if self.born < 0:
+            self.born = tick
         slot = tick % points
         self.values[slot] = self.total[0]
         if self.counts is not None:
@@ -254,17 +258,32 @@ class History:
         labels = series.labels
         return tuple([labels.get(label, "") for label in by])
 
+    def _born_inside(self, series: _Series) -> bool:
+        """Whether the series first appeared within the window, after the history began: a
+        counter then counts from zero, as PromQL's extrapolation to its zero point does (a
+        load counter appears with the first load, a statement's with its first calls)."""
+        first_tick = self._tick - self._window()[1] + 1
+        return series.born > 0 and series.born >= first_tick
+
     def rate(self, metric: str, by: Key, where: Where = ()) -> dict[Key, float]:
+        """Growth over the window divided by the window (its ticks' span), as rate() does:
+        a series present for part of the window averages in zeros for the rest."""
         times = self._window()[2]
+        if len(times) < 2 or times[-1] <= times[0]:
+            return {}
+        span = times[-1] - times[0]
         out: dict[Key, float] = {}
         for series, ring in self._select(metric, where):
             values = self._ordered(ring)
             ends = _ends(values)
-            if ends is None or times[ends[1]] <= times[ends[0]]:
+            if ends is None:
                 continue
             i, j = ends  # a counter's ring holds reset-adjusted totals: growth is j - i
+            start = 0.0 if self._born_inside(series) else values[i]
+            if i == j and start == values[j]:
+                continue
             key = self._group(series, by)
-            out[key] = out.get(key, 0.0) + (values[j] - values[i]) / (times[j] - times[i])
+            out[key] = out.get(key, 0.0) + (values[j] - start) / span
         return out
 
     def _gauge(self, metric: str, by: Key, where: Where) -> Iterator[tuple[Key, list[float]]]:
@@ -290,17 +309,19 @@ class History:
         grouped: dict[Key, dict[float, float]] = defaultdict(lambda: defaultdict(float))
         for series, counts in self._select(f"{metric}_count", where):
             ends = _ends(self._ordered(counts))
-            if series.buckets is None or ends is None or ends[0] == ends[1]:
+            if series.buckets is None or ends is None:
                 continue
             n = len(series.bounds)
             rows = [((first + i) % self.points) * n for i in ends]
+            last = series.buckets[rows[1] : rows[1] + n]
+            if self._born_inside(series):
+                start = array("d", [0.0]) * n  # born in the window: counts from zero
+            elif ends[0] == ends[1]:
+                continue
+            else:
+                start = series.buckets[rows[0] : rows[0] + n]
             acc = grouped[self._group(series, by)]
-            for bound, a, b in zip(
-                series.bounds,
-                series.buckets[rows[0] : rows[0] + n],
-                series.buckets[rows[1] : rows[1] + n],
-                strict=True,
-            ):
+            for bound, a, b in zip(series.bounds, start, last, strict=True):
                 acc[bound] += b - a
         out: dict[Key, float] = {}
         for key, acc in grouped.items():

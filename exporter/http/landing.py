@@ -30,6 +30,9 @@ td, th { border: 1px solid #ccc; padding: .3em .6em; text-align: left; vertical-
 tr.up .state { color: #186a1f } tr.failing .state { color: #b00020 }
 tr.starting .state { color: #8a6d00 } .error { font-size: .85em; color: #555 }
 h3 small { font-weight: normal; color: #555 }
+.finding { border-left: 4px solid #8a6d00; padding: 0 1em; margin-bottom: 1em }
+.finding.critical { border-color: #b00020 } .finding .severity { text-transform: uppercase }
+.finding .chart { float: right; margin-left: 1em } .finding .evidence { font-size: .85em }
 </style></head><body>
 <h1>pgpressure</h1>
 <p>Prometheus exporter for SQLAlchemy pools, PostgreSQL load and RDS Proxy pinning.
@@ -39,6 +42,7 @@ Version <span id="version">$version</span>.</p>
 <li><a href="api/v1/pinning-risk">Statements that would pin RDS Proxy sessions</a></li>
 <li><a href="-/healthy">Health</a> · <a href="-/ready">Readiness</a></li>
 </ul>
+$lead
 <h2>Targets</h2>
 $sections
 <h2>Applications</h2>
@@ -133,8 +137,9 @@ def _target(target: TargetStatus) -> Html:
     )
 
 
-def render(status: DaemonStatus) -> str:
-    """The whole page for this status."""
+def render(status: DaemonStatus, lead: Html | None = None) -> str:
+    """The whole page for this status; `lead` (markup built and escaped by its author, the
+    diagnosis findings) comes before the targets."""
     sections = [_target(t) for t in status.targets] or [Html(NO_TARGETS)]
     if status.daemon_wide:
         sections.append(_fill(DAEMON_WIDE, table=_table(status.daemon_wide)))
@@ -142,6 +147,7 @@ def render(status: DaemonStatus) -> str:
     return _fill(
         PAGE,
         version=__version__,
+        lead=lead or Html(""),
         sections=Html("".join(sections)),
         processes="-" if ingest_off else status.app_processes,
         apps_note=" (ingest disabled)" if ingest_off else "",

@@ -8,6 +8,9 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from exporter.diagnosis.web import FINDINGS_PATH
+from exporter.diagnosis.web import document as findings_document
+from exporter.diagnosis.web import section as findings_section
 from exporter.http import landing
 from exporter.http.status import DaemonView
 from exporter.ingest import REPORTS_PATH, reports_handler
@@ -77,9 +80,17 @@ async def reports(request: web.Request) -> web.Response:
     return await reports_handler(request.app[DAEMON].ingest)(request)
 
 
+async def findings(request: web.Request) -> web.Response:
+    """What the diagnosis rules found: cause, numbers, fix, per subject (exporter.diagnosis)."""
+    return web.json_response(findings_document(request.app[DAEMON].diagnosis))
+
+
 async def landing_page(request: web.Request) -> web.Response:
-    """The landing page, from the daemon's status (see `exporter.http.landing`)."""
-    page = landing.render(request.app[DAEMON].status())
+    """The landing page, from the daemon's status (see `exporter.http.landing`), led by the
+    diagnosis findings."""
+    daemon = request.app[DAEMON]
+    lead = landing.Html(findings_section(findings_document(daemon.diagnosis)))
+    page = landing.render(daemon.status(), lead)
     return web.Response(text=page, content_type="text/html")
 
 
@@ -106,4 +117,5 @@ def build_app(daemon: DaemonView, middlewares: list | None = None) -> web.Applic
     app.router.add_put("/-/reload", reload)
     app.router.add_post(REPORTS_PATH, reports)
     app.router.add_get("/api/v1/pinning-risk", pinning_risk)
+    app.router.add_get(FINDINGS_PATH, findings)
     return app

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Literal, Protocol
 if TYPE_CHECKING:
     from exporter.config import Config
     from exporter.core.render import Renderer
+    from exporter.diagnosis.engine import DiagnosisSource
     from exporter.ingest import Ingest
 
 State = Literal["up", "failing", "starting"]
@@ -58,6 +59,7 @@ class DaemonView(Protocol):
     config: Config
     renderer: Renderer
     ingest: Ingest | None
+    diagnosis: DiagnosisSource | None  # None when diagnosis.enabled is false
 
     def ready(self) -> bool:
         """Every source has been tried once, so the first scrape has data."""
