@@ -32,8 +32,10 @@ written again) and after every snapshot is replaced.
 
     python bench/bench_metrics.py [--scrapes 500] [--paced 60] [--series 5000]
 
-Exit status 1 if, in a paced or prom run, the shipped writer's p99 is above 1.25x the other
-writer's: whichever writes the text must not make production scrapes slower than that.
+Exit status 1 if, in a republished paced or prom run, the shipped writer's p99 is above 1.25x
+the other writer's: whichever writes the text must not make production scrapes slower than
+that. The static runs are not gated: there the writer formats only a hundred series a scrape,
+and their p99 ratio swings both ways with the machine's load (0.77 to 1.24 over two runs).
 Goal (issue 2): p99 below 20 ms with the database up and down.
 """
 
@@ -283,7 +285,8 @@ class Run:
 
     @property
     def gated(self) -> bool:
-        return self.pace > 0 and self.database == "up"
+        """Paced runs where every series is written again, as in production."""
+        return self.phase == "republished" and self.pace > 0 and self.database == "up"
 
 
 def runs(args: argparse.Namespace) -> list[Run]:
@@ -459,7 +462,7 @@ def report(args, results: Results, render) -> None:
 
 
 def verdict(args, results: Results) -> bool:
-    """Print the writers' p99 ratio in every paced run; False if the shipped one is above
+    """Print the writers' p99 ratio in every gated run; False if the shipped one is above
     MAX_P99_RATIO times the other in any of them."""
     ok = True
     for run in (r for r in runs(args) if r.gated):
