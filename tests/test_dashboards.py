@@ -43,6 +43,8 @@ PG_CAPACITY = {"pg_vcpus", "pg_max_connections", "job_target:pg_vcpus:max"}
 CAPACITY = PG_CAPACITY | {
     "sqlalchemy_pool_max_connections",
     "rds_proxy_max_database_connections_allowed",
+    "aws_rds_serverless_min_capacity_acus",
+    "aws_rds_serverless_max_capacity_acus",
 }
 # Events rare enough that a per-second rate reads as 0.0033 instead of "1".
 RARE_EVENTS = {"sqlalchemy_pool_timeouts_total", "rds_proxy_pinning_events_total"}

@@ -27,6 +27,9 @@ def build() -> dict:
             *_load_breakdown(),
             *_sessions(),
             *_old_transactions(),
+            row("pgpressure AAS vs AWS DBLoad"),
+            *_aws_load(),
+            *_aws_instance(),
             row("Temporary files and statements"),
             *_temp(),
             *_top_statements(),
@@ -66,6 +69,141 @@ def _load() -> list:
             w=8,
             h=9,
             no_value="no vcpus set",
+        ),
+    ]
+
+
+def _aws_load() -> list:
+    """pgpressure's sampled load beside Performance Insights' own (the `aws:` block of a
+    target): both are average active sessions, so over 15 minutes they should agree."""
+    return [
+        timeseries(
+            "pgpressure AAS vs AWS DBLoad",
+            "Both are average active sessions over 15 minutes: pgpressure's from its "
+            "pg_stat_activity samples, DBLoad from Performance Insights (CloudWatch AWS/RDS, "
+            "aws.rds_proxy.delay late). More than 25% apart means pgpressure misses samples or "
+            "cannot see some sessions (docs/aurora.md). Empty without an `aws:` block on the "
+            "target or without Performance Insights.",
+            "short",
+            [
+                Q(
+                    f"job_target:pg_active_session_seconds:rate15m{{{PG}}}",
+                    "{{target}} pgpressure AAS",
+                ),
+                Q(f"job_target:aws_rds_db_load:avg15m{{{PG}}}", "{{target}} AWS DBLoad"),
+            ],
+            w=16,
+            h=8,
+        ),
+        stat(
+            "AAS / DBLoad (15m)",
+            "pgpressure's load over AWS's; 1 when they agree, outside 0.75-1.25 they disagree.",
+            "percentunit",
+            Q(f"max(job_target:pg_active_sessions_per_aws_db_load:ratio15m{{{PG}}})"),
+            thresholds=[(None, "orange"), (0.75, "green"), (1.25, "orange")],
+            w=8,
+            h=8,
+            no_value="no DBLoad",
+        ),
+    ]
+
+
+def _aws_instance() -> list:
+    """What AWS says about the instance under each target (databases[].aws): its CPU, memory
+    and connections, DBLoad split CPU / non-CPU, and a Serverless v2 instance's capacity."""
+    instance = "{{target}} ({{db_instance}})"
+
+    def per_instance(metric: str) -> str:
+        return f"max by (target, db_instance) ({metric}{{{PG}}})"
+
+    return [
+        timeseries(
+            "Instance: CPU, DBLoad per vCPU",
+            "CPUUtilization and DBLoadRelativeToNumVCPUs from CloudWatch AWS/RDS; DBLoad per "
+            "vCPU above 100% means sessions queue for CPU, as AAS per vCPU does here.",
+            "percentunit",
+            [
+                Q(
+                    per_instance("aws_rds_cpu_utilization_ratio"),
+                    f"{instance} CPU",
+                ),
+                Q(
+                    per_instance("aws_rds_db_load_relative_to_num_vcpus"),
+                    f"{instance} DBLoad per vCPU",
+                ),
+            ],
+            w=8,
+        ),
+        timeseries(
+            "Instance: DBLoad on CPU and waiting",
+            "DBLoadCPU and DBLoadNonCPU (Performance Insights): AWS's split of the load.",
+            "short",
+            [
+                Q(
+                    per_instance("aws_rds_db_load_cpu"),
+                    f"{instance} on CPU",
+                ),
+                Q(
+                    per_instance("aws_rds_db_load_non_cpu"),
+                    f"{instance} waiting",
+                ),
+            ],
+            w=8,
+        ),
+        timeseries(
+            "Instance: connections and freeable memory",
+            "DatabaseConnections and FreeableMemory from CloudWatch, per instance.",
+            "short",
+            [
+                Q(
+                    per_instance("aws_rds_database_connections"),
+                    f"{instance} connections",
+                ),
+                Q(
+                    per_instance("aws_rds_freeable_memory_bytes") + " / 2^30",
+                    f"{instance} freeable GiB",
+                ),
+            ],
+            w=8,
+        ),
+        timeseries(
+            "Serverless v2 capacity (ACUs)",
+            "ServerlessDatabaseCapacity against the configured minimum and maximum, and "
+            "ACUUtilization (capacity / maximum). AWS gives no ACU-to-vCPU ratio: judge load "
+            "against Performance Insights' vCPUs (docs/aurora.md).",
+            "short",
+            [
+                Q(
+                    per_instance("aws_rds_serverless_database_capacity_acus"),
+                    f"{instance} ACUs",
+                ),
+                Q(
+                    per_instance("aws_rds_serverless_min_capacity_acus"),
+                    f"{instance} min",
+                ),
+                Q(
+                    per_instance("aws_rds_serverless_max_capacity_acus"),
+                    f"{instance} max",
+                ),
+                Q(
+                    "100 * " + per_instance("aws_rds_acu_utilization_ratio"),
+                    f"{instance} ACU utilisation %",
+                ),
+            ],
+            w=12,
+            lines=("max", "min"),
+        ),
+        table(
+            "Instances",
+            "The RDS instance under each target: class, Aurora cluster and role.",
+            "short",
+            [
+                Q(
+                    "max by (target, db_instance, db_instance_class, db_cluster, role) "
+                    f"(aws_rds_instance_info{{{PG}}})",
+                    instant=True,
+                )
+            ],
         ),
     ]
 
