@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from exporter import metrics as m  # noqa: E402
-from exporter.config import DiagnosisConfig  # noqa: E402
+from exporter.config import DiagnosisConfig, IngestConfig  # noqa: E402
 from exporter.core.store import Store  # noqa: E402
 from exporter.diagnosis import rules  # noqa: E402
 from exporter.diagnosis.collect import collect  # noqa: E402
@@ -208,10 +208,16 @@ def report(args, source, evidence, findings, record_cpu, collect_cpu, rules_cpu,
         f"history: {history.series} series x {history.points} points, rings "
         f"{history.nbytes() / 2**20:.2f} MiB, tracemalloc {held / 2**20:.2f} MiB held"
     )
+    # Buckets are kept only for the wait and statement histograms of each pool, and pools are
+    # capped by ingest (max_apps x max_pools_per_app); everything else is one float a tick.
+    ingest = IngestConfig()
+    bucketed = 2 * ingest.max_apps * ingest.max_pools_per_app
+    scalar = 8 * history.points
+    bound = bucketed * widest * history.points + (history.max_series - bucketed) * scalar
     print(
-        f"history bound: max_series {history.max_series} x {history.points} points x at most "
-        f"{widest} B = {history.max_series * history.points * widest / 2**20:.0f} MiB of rings "
-        f"(scalars {8 * history.points} B per series)"
+        f"history bound: max_series {history.max_series} x {history.points} points; "
+        f"{bucketed} bucketed histograms at most (ingest caps) -> {bound / 2**20:.0f} MiB of rings "
+        f"({scalar} B per scalar series, {widest * history.points} B per bucketed one)"
     )
     verdict = "OK" if rules_cpu < GOAL_RULES_SECONDS else "OVER"
     goal = f"rules under {GOAL_RULES_SECONDS * 1000:.0f} ms CPU"

@@ -10,7 +10,9 @@ diagnoses live (every 2 s over 60 s) and Prometheus scrapes it every second:
    `pool_undersized` with a suggested size, the database not saturated;
 4. 100 asyncpg clients, pool 20 + overflow 100, `pool_recycle=5`, `work_mem` 64 kB, 2 vCPUs:
    `database_cpu_saturated` first, with `temp_spills` and `connection_churn`, and not
-   `pool_undersized`.
+   `pool_undersized`;
+5. an app running pinning statements behind an RDS Proxy (the AWS emulator's CloudWatch and
+   proxy log): `proxy_pinning` with the reason and the statement.
 
 After each, `pgpressure doctor --prometheus` at the time of the live verdict, over the same
 window, must give the same findings from what Prometheus stored.
@@ -28,6 +30,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
 import psycopg
@@ -35,6 +38,7 @@ import pytest
 import requests
 import yaml
 
+from exporter.devtools import aws_emulator as emulator
 from exporter.devtools.daemon_process import (
     DaemonProcess,
     free_port,
@@ -181,19 +185,20 @@ def of(doc: dict, rule: str, **subject: str) -> dict | None:
     )
 
 
-def daemon_config(dsn: str) -> str:
+def daemon_config(dsn: str, *, ingest: bool = True, extra: str = "") -> str:
+    """One target, `main` (2 vCPUs), sampled every second; diagnosis every 2 s over WINDOW."""
     return f"""
 databases:
   - name: main
     dsn: {dsn}
     vcpus: 2
     activity: {{interval: 1s}}
-    statements: {{interval: 1s, top_n: 50}}
-ingest: {{enabled: true, stale_after: 10s}}
+    statements: {{interval: 1s, top_n: 50, pinning_risk: true}}
+ingest: {{enabled: {str(ingest).lower()}, stale_after: 10s}}
 diagnosis:
   interval: 2s
   window: {WINDOW}s
-"""
+{extra}"""
 
 
 @contextlib.contextmanager
@@ -305,7 +310,7 @@ def test_a_sync_fastapi_app_with_the_default_pool_is_undersized(world: World) ->
     pytest.importorskip("fastapi", reason="the test extra installs FastAPI")
     quiet(world)
     port = free_port()
-    with world.app("shop", seconds=120, port=port) as shop:
+    with world.app("shop", seconds=150, port=port) as shop:
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
             with contextlib.suppress(requests.RequestException):
@@ -313,7 +318,7 @@ def test_a_sync_fastapi_app_with_the_default_pool_is_undersized(world: World) ->
                 break
             assert shop.poll() is None, "the shop did not start"
             time.sleep(0.3)
-        with world.app("load", seconds=60, port=port):
+        with world.app("load", seconds=100, port=port):
             doc = settled(
                 world,
                 lambda d: of(d, "pool_undersized", app="shop") is not None,
@@ -356,3 +361,98 @@ def test_the_field_report_is_the_database_saturated_not_the_pool(world: World) -
         assert "work_mem 64 kB" in spills["summary"]
         assert spills["details"], "the statements that spill are named"
         same_as_post_mortem(world, doc)
+
+
+# --- pinning behind the RDS Proxy emulator --------------------------------------------------------
+PROXY = "orders-proxy"
+DIGEST = "set search_path to $1"
+
+
+def proxy_world(moto: str, delay: float) -> None:
+    """A proxy pinning 8 of its 10 database connections, and its log saying why."""
+    aws = emulator.clients(moto, "ec2", "rds", "cloudwatch", "logs")
+    emulator.create_proxy(aws["rds"], PROXY, emulator.create_subnets(aws["ec2"], emulator.REGION))
+    # a time inside the newest minute the source reads (60 s periods ending `delay` ago)
+    when = datetime.fromtimestamp((time.time() - delay) // 60 * 60 - 30, UTC)
+    for name, values in (("DatabaseConnections", [6.0, 4.0]), ("ClientConnections", [30.0])):
+        emulator.put_datapoints(aws["cloudwatch"], PROXY, name, values, when)
+    emulator.put_datapoints(
+        aws["cloudwatch"], PROXY, "DatabaseConnectionsCurrentlySessionPinned", [4.0, 4.0], when
+    )
+    emulator.put_log_lines(aws["logs"], PROXY, [pin_line(0)], time.time() - 1)
+
+
+def pin_line(i: int) -> str:
+    reason = emulator.SETTINGS_REASON.format(digest=DIGEST)
+    return emulator.PIN_LINE.format(c=i, d=100 + i, reason=reason)
+
+
+def pinning_log(moto: str, stop: threading.Event) -> None:
+    """The proxy keeps pinning: a line in its log every second."""
+    logs = emulator.clients(moto, "logs")["logs"]
+    i = 1
+    while not stop.wait(1.0):
+        emulator.put_log_lines(logs, PROXY, [pin_line(i)], time.time(), create=False)
+        i += 1
+
+
+def aws_config(moto: str, delay: float) -> str:
+    return f"""
+aws:
+  region: {emulator.REGION}
+  endpoint_url: {moto}
+  access_key_id: AKIAPGPRESSUREDIAG01
+  secret_access_key: pgpressure-diagnosis-secret
+  rds_proxy: {{enabled: true, interval: 1s, delay: {delay:.0f}s, logs: true}}
+"""
+
+
+def test_pinning_behind_the_proxy_names_the_reason_and_the_statement(pg, fresh_db) -> None:
+    delay = 60
+    dsn = pg.dsn(dbname=fresh_db)
+    # the app's own role: the daemon leaves its own statements out of the pinning report
+    pg.psql("DO $$BEGIN CREATE ROLE orders_app LOGIN; EXCEPTION WHEN duplicate_object THEN END$$")
+    app_dsn = pg.dsn(user="orders_app", dbname=fresh_db)
+    stop = threading.Event()
+
+    def app() -> None:  # the statements that pin, as the app sends them through the proxy
+        with psycopg.connect(app_dsn, autocommit=True, application_name="orders") as conn:
+            while not stop.is_set():
+                conn.execute("SET search_path TO public")
+                conn.execute("SELECT 1")
+                time.sleep(0.05)
+
+    worker = threading.Thread(target=app)
+    with (
+        emulator.moto_server() as moto,
+        tempfile.TemporaryDirectory(prefix="pgpressure-diagnosis-proxy-") as tmpdir,
+    ):
+        proxy_world(moto, delay)
+        worker.start()
+        log_writer = threading.Thread(target=pinning_log, args=(moto, stop))
+        log_writer.start()
+        try:
+            with (
+                run_daemon(daemon_config(dsn, ingest=False, extra=aws_config(moto, delay))) as d,
+                prometheus(Path(tmpdir), d.url.removeprefix("http://")) as prom,
+            ):
+                world = World(dsn, d, prom, Path(tmpdir))
+                doc = settled(
+                    world,
+                    lambda d: (
+                        of(d, "proxy_pinning", proxy=PROXY) is not None
+                        and "SET search_path" in of(d, "proxy_pinning", proxy=PROXY)["summary"]
+                    ),
+                    timeout=60,
+                    what="proxy_pinning naming the statement",
+                )
+                finding = of(doc, "proxy_pinning", proxy=PROXY)
+                assert "80% of its database connections pinned" in finding["summary"]
+                assert "reasons: session_settings (" in finding["summary"]
+                assert finding["details"][0].startswith(f"main/{fresh_db}: SET search_path TO $1")
+                assert "initialization query" in finding["fix"]
+                same_as_post_mortem(world, doc)
+        finally:
+            stop.set()
+            worker.join(10)
+            log_writer.join(10)

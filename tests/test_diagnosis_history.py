@@ -46,6 +46,19 @@ def test_a_counter_born_inside_the_window_counts_from_zero_over_the_whole_window
     assert rates == {("old",): 4 / 60, ("new",): 30 / 60}
 
 
+def test_a_counter_that_appears_large_and_stays_flat_is_no_growth() -> None:
+    """A lifetime total read once (temp bytes of a database when the daemon starts) is not a
+    burst inside the window: rate() only extrapolates toward zero in proportion to growth."""
+    history, store = History(window=60, step=15), Store()
+    for i in range(5):
+        samples = [Sample(m.TEMP_BYTES, ("appdb",), 0.0)]
+        if i >= 2:
+            samples.append(Sample(m.TEMP_BYTES, ("olddb",), 1.5e9))
+        store.publish(("database", "main"), samples, (("target", "main"),))
+        tick(history, store, i)
+    assert history.rate(m.TEMP_BYTES.name, ("datname",)) == {("appdb",): 0.0, ("olddb",): 0.0}
+
+
 def test_the_window_slides_and_a_series_without_points_in_it_is_dropped() -> None:
     history, store = History(window=30, step=15), Store()
     for i in range(3):
@@ -152,7 +165,8 @@ def test_the_source_warms_up_then_exports_findings_and_their_json() -> None:
     doc = source.to_json()
     assert doc["status"] == "ok"
     assert doc["findings"][0]["rule"] == "database_cpu_saturated"
-    assert "10 active sessions on 2 vCPUs" in doc["findings"][0]["summary"]
+    # 10 sessions for the 30 s the history holds, averaged over its 60 s window, as rate() does
+    assert "5 active sessions on 2 vCPUs" in doc["findings"][0]["summary"]
     assert doc["links"] == [{"app": "orders", "pool": "default", "targets": ["main"]}]
     assert doc["history"]["series"] == 5  # the five series above, nothing else
 

@@ -165,8 +165,10 @@ def undersized_pool(**changes: object) -> PoolEvidence:
         pending=33.0,
         at_max_share=0.95,
         pending_share=0.9,
-        wait_p95=0.25,
-        statement_p95=0.05,
+        wait_p95=0.0975,
+        wait_mean=0.085,
+        statement_p95=0.0975,
+        statement_mean=0.0505,
         hold_mean=0.052,
         statements_per_s=288.0,
         statement_seconds_per_s=14.5,
@@ -216,7 +218,7 @@ def test_pool_undersized_is_silent_when_the_database_is_saturated() -> None:
 
 
 def test_pool_undersized_is_silent_when_the_wait_is_the_statements_own() -> None:
-    slow_server = undersized_pool(wait_p95=0.3, statement_p95=0.25)
+    slow_server = undersized_pool(wait_mean=0.2, statement_mean=0.25)
     assert pool_undersized.evaluate(slow_server, TH) is None
 
 
@@ -390,7 +392,9 @@ def test_proxy_pinning_names_the_reason_and_the_statement() -> None:
     assert "session_settings (410 pins), advisory_lock (12 pins)" in finding.summary
     assert "e.g. SET search_path TO $1 (6.8 calls/s)" in finding.summary
     assert "initialization query" in finding.fix
-    assert finding.details == ("main/appdb: SET search_path TO $1 - session_settings, 6.8 calls/s",)
+    assert finding.details == (
+        "main/appdb: SET search_path TO $1 - session_settings (6.8 calls/s)",
+    )
     assert finding.chart.values == (17.0, 18.0, 19.0)
 
 

@@ -69,6 +69,7 @@ def _pools(r: WindowReader) -> dict[Key, PoolEvidence]:
     use_sum, use_count = histogram(m.POOL_USE_SECONDS)
     query_sum, query_count = histogram(m.QUERY_DURATION_SECONDS)
     create_sum, create_count = histogram(m.POOL_CREATE_SECONDS)
+    wait_sum, wait_count = histogram(m.POOL_WAIT_SECONDS)
     checkouts = r.rate(m.POOL_CHECKOUTS.name, POOL)
     timeouts = r.rate(m.POOL_TIMEOUTS.name, POOL)
     closes: dict[Key, dict[str, float]] = defaultdict(dict)
@@ -91,6 +92,7 @@ def _pools(r: WindowReader) -> dict[Key, PoolEvidence]:
             at_max_share=at_max.get(key, 0.0),
             pending_share=pending_share.get(key, 0.0),
             wait_p95=wait95.get(key),
+            wait_mean=_ratio(wait_sum.get(key), wait_count.get(key)),
             statement_p95=statement95.get(key),
             hold_mean=_ratio(use_sum.get(key), use_count.get(key)),
             statement_mean=_ratio(query_sum.get(key), query_count.get(key)),

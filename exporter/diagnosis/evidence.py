@@ -122,6 +122,7 @@ class PoolEvidence:
     at_max_share: float = 0.0  # share of the window with every connection checked out
     pending_share: float = 0.0  # share of the window with callers waiting
     wait_p95: float | None = None
+    wait_mean: float | None = None  # time to obtain a connection
     statement_p95: float | None = None
     hold_mean: float | None = None  # checkout to checkin
     statement_mean: float | None = None

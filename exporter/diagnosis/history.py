@@ -78,7 +78,6 @@ class _Series:
     """
 
     __slots__ = (
-        "born",
         "bounds",
         "buckets",
         "counter",
@@ -95,7 +94,6 @@ class _Series:
     ) -> None:
         self.labels = dict(labels)
         self.last = -1  # the tick last written
-        self.born = -1  # the tick first written
         self.counter = kind != "gauge"
         self.values = array("d", [NAN]) * points  # a histogram: its sums
         self.counts: array | None = None
@@ -133,8 +131,6 @@ class _Series:
                 for t, r, p in zip(self.total, raw, self.prev, strict=True)
             ]
         self.prev = raw
-        if self.born < 0:
-            self.born = tick
         slot = tick % points
         self.values[slot] = self.total[0]
         if self.counts is not None:
@@ -258,32 +254,27 @@ class History:
         labels = series.labels
         return tuple([labels.get(label, "") for label in by])
 
-    def _born_inside(self, series: _Series) -> bool:
-        """Whether the series first appeared within the window, after the history began: a
-        counter then counts from zero, as PromQL's extrapolation to its zero point does (a
-        load counter appears with the first load, a statement's with its first calls)."""
-        first_tick = self._tick - self._window()[1] + 1
-        return series.born > 0 and series.born >= first_tick
-
     def rate(self, metric: str, by: Key, where: Where = ()) -> dict[Key, float]:
-        """Growth over the window divided by the window (its ticks' span), as rate() does:
-        a series present for part of the window averages in zeros for the rest."""
+        """PromQL's rate() over the window: each series' growth from its first to its last
+        point in the window, extrapolated to the window's edges as Prometheus does (toward
+        zero for a counter that starts inside it, by no more than it grew), over the window."""
         times = self._window()[2]
-        if len(times) < 2 or times[-1] <= times[0]:
-            return {}
-        span = times[-1] - times[0]
         out: dict[Key, float] = {}
         for series, ring in self._select(metric, where):
             values = self._ordered(ring)
             ends = _ends(values)
-            if ends is None:
+            if ends is None or ends[0] == ends[1]:
                 continue
             i, j = ends  # a counter's ring holds reset-adjusted totals: growth is j - i
-            start = 0.0 if self._born_inside(series) else values[i]
-            if i == j and start == values[j]:
-                continue
+            rate = extrapolated_rate(
+                (times[i], values[i]),
+                (times[j], values[j]),
+                j - i + 1,
+                self.at - self.window,
+                self.at,
+            )
             key = self._group(series, by)
-            out[key] = out.get(key, 0.0) + (values[j] - start) / span
+            out[key] = out.get(key, 0.0) + rate
         return out
 
     def _gauge(self, metric: str, by: Key, where: Where) -> Iterator[tuple[Key, list[float]]]:
@@ -309,17 +300,12 @@ class History:
         grouped: dict[Key, dict[float, float]] = defaultdict(lambda: defaultdict(float))
         for series, counts in self._select(f"{metric}_count", where):
             ends = _ends(self._ordered(counts))
-            if series.buckets is None or ends is None:
+            if series.buckets is None or ends is None or ends[0] == ends[1]:
                 continue
             n = len(series.bounds)
             rows = [((first + i) % self.points) * n for i in ends]
+            start = series.buckets[rows[0] : rows[0] + n]
             last = series.buckets[rows[1] : rows[1] + n]
-            if self._born_inside(series):
-                start = array("d", [0.0]) * n  # born in the window: counts from zero
-            elif ends[0] == ends[1]:
-                continue
-            else:
-                start = series.buckets[rows[0] : rows[0] + n]
             acc = grouped[self._group(series, by)]
             for bound, a, b in zip(series.bounds, start, last, strict=True):
                 acc[bound] += b - a
@@ -374,6 +360,26 @@ class History:
     ) -> dict[Key, tuple[float, ...]]:
         values = self._per_tick(metric, by, where, counter=counter)
         return {key: _downsample(v, points) for key, v in values.items()}
+
+
+def extrapolated_rate(
+    first: tuple[float, float], last: tuple[float, float], samples: int, start: float, end: float
+) -> float:
+    """Prometheus's extrapolatedRate for a counter over [start, end], from its first and last
+    (time, value) in the range: the growth, extended to each edge when the series reaches
+    within 1.1 sample intervals of it (else by half an interval), and toward the start no
+    further than where the counter would have been zero."""
+    (t0, v0), (t1, v1) = first, last
+    growth, sampled = v1 - v0, t1 - t0
+    average = sampled / (samples - 1)
+    to_start, to_end = t0 - start, end - t1
+    if growth > 0 and v0 >= 0:
+        to_start = min(to_start, sampled * (v0 / growth))
+    threshold = average * 1.1
+    interval = sampled
+    interval += to_start if to_start < threshold else average / 2
+    interval += to_end if to_end < threshold else average / 2
+    return growth * (interval / sampled) / (end - start)
 
 
 def _ends(values: list[float]) -> tuple[int, int] | None:

@@ -32,8 +32,10 @@ class _Block(BaseModel):
 class PoolUndersized(_Block):
     at_max_share: Share = 0.5  # every connection checked out for half the window or more
     pending_share: Share = 0.25  # callers waiting for a quarter of the window or more
-    wait_over_statement: Positive = 2.0  # wait p95 at least twice the statement p95
-    min_wait_seconds: NonNegative = 0.01  # and at least 10 ms: shorter waits cost little
+    # mean wait for a connection at least the mean statement time (means: both p95s can fall
+    # in the same histogram bucket), and at least 10 ms: shorter waits cost little
+    wait_over_statement: Positive = 1.0
+    min_wait_seconds: NonNegative = 0.01
     headroom: Annotated[float, Field(ge=1.0)] = 1.25  # suggested size over what is in use
 
 

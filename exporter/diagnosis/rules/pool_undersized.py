@@ -1,8 +1,9 @@
 """`pool_undersized` (app, pool): callers wait for connections the database could serve.
 
 Three conditions, because each alone misleads: the pool is at its maximum most of the window,
-callers wait (and their wait is well above the statements' own time, so the wait is for a
-connection and not for a slow server), and the database behind it is not saturated - when it
+callers wait (and on average longer than their statement then takes, so the wait is for a
+connection and not for a slow server; means, because a 90 ms wait and a 50 ms statement land
+in the same histogram bucket), and the database behind it is not saturated - when it
 is, `database_cpu_saturated` says so and a bigger pool would only make it worse.
 
 The suggested size is Little's law: checkouts/s x mean hold = connections busy, plus the
@@ -28,9 +29,9 @@ def _waiting(ev: PoolEvidence, thresholds: Thresholds) -> bool:
     t = thresholds.pool_undersized
     if not ev.bounded or ev.at_max_share < t.at_max_share or ev.pending_share < t.pending_share:
         return False
-    if ev.wait_p95 is None or ev.wait_p95 < t.min_wait_seconds:
+    if ev.wait_mean is None or ev.wait_mean < t.min_wait_seconds:
         return False
-    return ev.statement_p95 is None or ev.wait_p95 >= t.wait_over_statement * ev.statement_p95
+    return ev.statement_mean is None or ev.wait_mean >= t.wait_over_statement * ev.statement_mean
 
 
 def _server_room(ev: PoolEvidence, wanted: float) -> str:
@@ -79,12 +80,15 @@ def evaluate(ev: PoolEvidence, thresholds: Thresholds) -> Finding | None:
         summary=(
             f"{ev.app}/{ev.pool}: at its maximum of {num(ev.max_connections)} for "
             f"{pct(ev.at_max_share)} of the window with {num(ev.pending)} callers waiting on "
-            f"average; wait p95 {secs(ev.wait_p95)} vs statement p95 {secs(ev.statement_p95)}"
+            f"average; a wait of {secs(ev.wait_mean)} for a statement of {secs(ev.statement_mean)} "
+            f"(p95 {secs(ev.wait_p95)} and {secs(ev.statement_p95)})"
             + (f"; {linked}" if linked else "; no linked database seen")
         ),
         evidence={
             "at_max_share": ev.at_max_share,
             "pending": ev.pending,
+            "wait_mean_seconds": ev.wait_mean,
+            "statement_mean_seconds": ev.statement_mean,
             "wait_p95_seconds": ev.wait_p95,
             "statement_p95_seconds": ev.statement_p95,
             "checkouts_per_second": ev.checkouts_per_s,

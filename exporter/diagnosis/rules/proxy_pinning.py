@@ -38,6 +38,10 @@ def _matching(ev: ProxyEvidence, reasons: list[str]) -> list[RiskyStatement]:
     return sorted(found, key=lambda s: -s.calls_per_s)[:5]
 
 
+def _rate(statement: RiskyStatement) -> str:
+    return f" ({num(statement.calls_per_s)} calls/s)" if statement.calls_per_s > 0 else ""
+
+
 def evaluate(ev: ProxyEvidence, thresholds: Thresholds) -> Finding | None:
     t = thresholds.proxy_pinning
     share = ev.pinned_share
@@ -46,7 +50,7 @@ def evaluate(ev: ProxyEvidence, thresholds: Thresholds) -> Finding | None:
     ranked = sorted(ev.pin_reasons.items(), key=lambda kv: -kv[1])
     reasons = [r for r, n in ranked[: t.top_reasons] if n > 0]
     statements = _matching(ev, reasons)
-    said = ", ".join(f"{r} ({num(ev.pin_reasons[r])} pins)" for r in reasons)
+    said = ", ".join(f"{r} ({ev.pin_reasons[r]:.0f} pins)" for r in reasons)
     fixes = [f"{r}: {_FIXES[r]}" for r in reasons if r in _FIXES]
     if not fixes:
         fixes = [f"{r}: {_FIXES[r]}" for s in statements for r in s.reasons if r in _FIXES][:3]
@@ -59,11 +63,7 @@ def evaluate(ev: ProxyEvidence, thresholds: Thresholds) -> Finding | None:
             f"RDS Proxy {ev.proxy}: {pct(share)} of its database connections pinned "
             f"({num(ev.pinned)} of {num(ev.database_connections)})"
             + (f"; reasons: {said}" if said else "; no reasons in the proxy's log")
-            + (
-                f"; e.g. {first.text or first.reasons[0]} ({num(first.calls_per_s)} calls/s)"
-                if first
-                else ""
-            )
+            + (f"; e.g. {first.text or first.reasons[0]}{_rate(first)}" if first else "")
         ),
         evidence={
             "pinned_share": share,
@@ -76,8 +76,8 @@ def evaluate(ev: ProxyEvidence, thresholds: Thresholds) -> Finding | None:
         fix="; ".join(fixes) + "." if fixes else "Turn on the proxy's enhanced logging to see why.",
         chart=Chart("pinned connections", ev.pinned_trend, "", ev.database_connections, "all"),
         details=tuple(
-            f"{s.target}/{s.datname}: {s.text or '(text not kept)'} - {', '.join(s.reasons)}, "
-            f"{num(s.calls_per_s)} calls/s"
+            f"{s.target}/{s.datname}: {s.text or '(text not kept)'} - {', '.join(s.reasons)}"
+            + _rate(s)
             for s in statements
         ),
     )
