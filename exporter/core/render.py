@@ -16,11 +16,12 @@ as `ClientPythonRenderer`) with ~5,000 series on the shared 2-core machine, 2026
 
 - every snapshot replaced before each scrape, as at production intervals: p99 308 ms
   against 74 ms with text, 327 ms against 75 ms with Prometheus's headers (OpenMetrics,
-  gzip), 4.2-4.3x; in-process 70 ms against 15 ms per render (4.5x). Both miss the 20 ms
-  goal there (bench/README.md);
+  gzip), 4.2-4.3x at load 2.4 (3.7-5.9x over three runs at load 2.4 to 8); in-process
+  70 ms against 15 ms per render (3.8-4.7x). Both miss the 20 ms goal there
+  (bench/README.md);
 - only the small snapshots replaced (scrapes 1.1 s apart, the bench's "static" phase):
-  p99 8.7 ms against 10.9 ms and 20.3 ms against 16.4 ms, within noise: the cache hides
-  the writer.
+  p99 8.7 ms against 10.9 ms and 20.3 ms against 16.4 ms (0.77-1.30x over three runs),
+  within noise: the cache hides the writer.
 
 Per series the library sorts, validates and escapes every label name and value through
 several calls, and its OpenMetrics writer by default rewrites every sample name one
