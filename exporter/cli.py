@@ -5,6 +5,7 @@ pgpressure [run] --config.file config.yaml [--web.listen-address :9188]
                  [--log.level info] [--log.format logfmt]
 pgpressure check-config --config.file config.yaml
 pgpressure demo [--web.listen-address :9188]
+pgpressure doctor [--url http://daemon:9188 | --prometheus URL [--at TIME] [--window 15m]]
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from exporter.config import Config, ConfigError, load
 from exporter.http.connlimit import DEFAULT_MAX_CONNECTIONS
 from exporter.redaction import redact
 
-COMMANDS = ("run", "check-config", "demo")
+COMMANDS = ("run", "check-config", "demo", "doctor")
 
 log = logging.getLogger("pgpressure")
 
@@ -99,6 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="stop after this many seconds (default: until Ctrl-C)",
     )
     _common(demo)
+
+    # Its own parser (exporter.diagnosis.doctor); listed here for --help.
+    sub.add_parser("doctor", help="print the diagnosis: live (--url) or post mortem (--prometheus)")
     return parser
 
 
@@ -133,9 +137,12 @@ def _web_config(path: str, config: Config) -> tuple[ssl.SSLContext | None, list[
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(
-        _argv_with_default_command(list(sys.argv[1:] if argv is None else argv))
-    )
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["doctor"]:
+        from exporter.diagnosis.doctor import main as doctor
+
+        return doctor(argv[1:])
+    args = build_parser().parse_args(_argv_with_default_command(argv))
     logs.setup(args.log_level, args.log_format)
 
     if args.command == "demo":

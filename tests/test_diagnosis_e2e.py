@@ -139,7 +139,8 @@ class World:
             [
                 sys.executable,
                 "-m",
-                "exporter.diagnosis.doctor",
+                "exporter",
+                "doctor",
                 "--prometheus",
                 self.prometheus,
                 "--at",
@@ -274,7 +275,7 @@ def test_a_healthy_workload_gives_no_finding(world: World) -> None:
         assert doc["findings"] == [], [f["summary"] for f in doc["findings"]]
         assert {"app": "healthy", "pool": "default", "targets": ["main"]} in doc["links"]
         doctor = subprocess.run(
-            [sys.executable, "-m", "exporter.diagnosis.doctor", "--url", world.daemon.url],
+            [sys.executable, "-m", "exporter", "doctor", "--url", world.daemon.url],
             capture_output=True,
             text=True,
             timeout=60,
