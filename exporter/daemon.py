@@ -27,6 +27,7 @@ from aiohttp import web
 from apscheduler.jobstores.base import JobLookupError
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
+from exporter.aws.rds_proxy import RdsProxySource
 from exporter.config import Config
 from exporter.core.cardinality import LabelCap
 from exporter.core.render import Renderer
@@ -40,6 +41,7 @@ from exporter.http.routes import build_app
 from exporter.http.status import DaemonStatus, SourceStatus, TargetStatus
 from exporter.logs import kv
 from exporter.metrics import Sample
+from exporter.pinning import report
 from exporter.postgres.activity import ActivitySource
 from exporter.postgres.connection import TargetConnection
 from exporter.postgres.database import DatabaseSource
@@ -195,11 +197,30 @@ class Daemon:
             details=runner.source.status(),
         )
 
-    def pinning_offenders(self) -> dict[str, list[dict]]:
-        return {
+    def pinning_report(self) -> dict[str, object]:
+        """`/api/v1/pinning-risk`: per target the statements that would pin; per proxy the
+        statements its logs say pinned, joined to those rows; the driver fingerprints seen,
+        with their fix."""
+        offenders = {
             s.target: s.pinning.top_offenders()
             for s in self.sources
             if isinstance(s, DatabaseSource) and s.pinning is not None
+        }
+        logs: dict[str, dict[str, object]] = {}
+        for source in self.sources:
+            if isinstance(source, RdsProxySource):
+                logs.update(source.pinning_logs())
+        pins: dict[str, float] = {}
+        for proxy in logs.values():
+            for fp_id, n in proxy["pins_by_fingerprint"].items():
+                pins[fp_id] = pins.get(fp_id, 0.0) + n
+        return {
+            "targets": offenders,
+            "proxies": {
+                name: {"statements": report.name_log_pins(proxy["statements"], offenders)}
+                for name, proxy in logs.items()
+            },
+            "fingerprints": report.fingerprint_summary(offenders, pins),
         }
 
     # -- lifecycle --------------------------------------------------------------------------

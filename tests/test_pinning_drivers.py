@@ -33,6 +33,7 @@ from exporter.devtools.aws_emulator import (
     put_log_lines,
     reset_moto,
 )
+from exporter.devtools.daemon_process import run_daemon
 from exporter.pinning import fingerprints, report
 from exporter.pinning.risk import PinningRisk
 from tests.conftest import MONITOR_PASSWORD
@@ -503,3 +504,45 @@ async def test_a_pinning_proxy_with_a_quiet_log_group_says_logging_is_off(
     samples = list(await source.sample())
     assert poll_state(samples) == (0.0, "reading")
     assert by_spec(samples, m.RDS_PROXY_PINNING_EVENTS)[(PROXY, "prepared_statement")] == 2.0
+
+
+async def test_the_pinning_report_names_log_side_pins_and_the_driver_fix(
+    aws, moto_url, pg, db
+) -> None:
+    """GET /api/v1/pinning-risk of a running daemon: the proxy's log says asyncpg's reset
+    query pinned; the report names who ran it (target, role, database, from
+    pg_stat_statements) and the driver fingerprint with its fix."""
+    pool = await asyncpg.create_pool(pg.dsn(user=APP, dbname=db), min_size=1, max_size=1)
+    async with pool.acquire() as conn:
+        await conn.fetchval("SELECT 1")
+    await pool.close()
+    reset = _PINNED.format(d=7, reason=_SETTINGS.format(digest=RESET_DIGEST))
+    put_log_lines(aws["logs"], PROXY, [f"[WARN] [clientConnection=7] {reset}"], time.time() - 60)
+    config = f"""
+databases:
+  - name: main
+    dsn: {pg.dsn(user="monitor", password=MONITOR_PASSWORD, dbname=db)}
+    vcpus: 2
+    statements: {{enabled: true, interval: 1s}}
+ingest: {{enabled: false}}
+aws:
+  region: {REGION}
+  endpoint_url: {moto_url}
+  access_key_id: AKIAPGPRESSUREDRV002
+  secret_access_key: pgpressure-drivers-report-secret
+  rds_proxy: {{enabled: true, interval: 2s, delay: {DELAY}s, proxies: [{PROXY}]}}
+"""
+
+    def reset_pins() -> list[dict]:
+        found = daemon.get("/api/v1/pinning-risk").json()
+        statements = found["proxies"].get(PROXY, {}).get("statements", [])
+        rows = [s for s in statements if s["digest"] == RESET_DIGEST and s["statements"]]
+        return rows and (rows, found["fingerprints"])
+
+    with run_daemon(config) as daemon:
+        rows, summary = daemon.wait_for(reset_pins, timeout=30)
+    named = {(r["target"], r["role"], r["datname"]) for r in rows[0]["statements"]}
+    assert named == {("main", APP, db)}
+    by_id = {fp["id"]: fp for fp in summary}
+    assert by_id["asyncpg_reset_query"]["pins"] >= 1 and by_id["asyncpg_reset_query"]["fix"]
+    assert APP in by_id["asyncpg_reset_query"]["roles"]

@@ -159,6 +159,20 @@ class RdsProxySource(Source):
             "cloudwatch_metric_queries_total": self.metric_data.requested(OWNER),
         }
 
+    def pinning_logs(self) -> dict[str, dict[str, object]]:
+        """Per proxy, the statements its pinning lines named (Digests) and its pins by driver
+        fingerprint, for the pinning report; empty with logs off."""
+        if not self.rds.logs:
+            return {}
+        totals = self._logs.totals
+        return {
+            p.name: {
+                "statements": totals.statements(p.name),
+                "pins_by_fingerprint": totals.pins_by_fingerprint(p.name),
+            }
+            for p in list(self._proxies)
+        }
+
     def _proxy_status(self, proxy: _Proxy) -> dict[str, object]:
         return {
             "name": proxy.name,

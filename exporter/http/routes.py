@@ -60,9 +60,10 @@ async def ready(request: web.Request) -> web.Response:
 
 
 async def pinning_risk(request: web.Request) -> web.Response:
-    """Normalized text of the statements that would pin RDS Proxy sessions (never a label)."""
+    """The statements that would pin RDS Proxy sessions (normalized text, never a label), the
+    proxies' pins named by statement, and the driver fingerprints with their fix."""
     daemon = request.app[DAEMON]
-    return web.json_response({"targets": daemon.pinning_offenders()})
+    return web.json_response(daemon.pinning_report())
 
 
 async def reload(request: web.Request) -> web.Response:

@@ -71,6 +71,7 @@ class DaemonView(Protocol):
         """Re-read the configuration file: None when applied, else why it was not."""
         ...
 
-    def pinning_offenders(self) -> dict[str, list[dict]]:
-        """Per target, the statements that would pin RDS Proxy sessions."""
+    def pinning_report(self) -> dict[str, object]:
+        """Per target the statements that would pin RDS Proxy sessions, per proxy those its
+        logs say pinned, and the driver fingerprints seen with their fix."""
         ...
