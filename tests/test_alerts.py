@@ -43,6 +43,7 @@ CONTRACT_ALERTS = {
     ("PgPressureSourceDown", "warning"),
     ("PgPressureExporterDown", "critical"),
     ("PgPressureExporterAbsent", "warning"),
+    ("PgPressureConfigReloadFailed", "warning"),
     ("PgPressureDiagnosis", "warning"),
     ("PgPressureDiagnosis", "critical"),
 }

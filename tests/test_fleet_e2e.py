@@ -15,7 +15,7 @@ shipped rules, every `for:` and window divided by 60 (tests/promql_tools.py):
   is only half used;
 - a second exporter that stops fires PgPressureExporterDown;
 - a reload changes a target without a counter reset of the apps, and a bad file keeps the
-  configuration in use.
+  configuration in use and fires PgPressureConfigReloadFailed.
 """
 
 from __future__ import annotations
@@ -447,6 +447,11 @@ def test_reload_changes_a_target_and_keeps_the_apps_counters(fleet: Fleet):
                 "the failed reload is seen",
                 lambda: fleet.query(f"pgpressure_config_last_reload_successful{job}") == [0],
                 15,
+            )
+            wait_until(
+                "PgPressureConfigReloadFailed fires",
+                lambda: fleet.firing("PgPressureConfigReloadFailed", job="pgpressure"),
+                ALERT_WAIT,
             )
             pings(10, 40)
             assert fleet.query('pg_vcpus{target="main"}') == [4]  # the configuration in use
