@@ -32,11 +32,28 @@ def _ts(record: logging.LogRecord) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", t) + f".{int(record.msecs):03d}Z"
 
 
+_NAMED_ESCAPES = {"\\": "\\\\", '"': '\\"', "\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def _escape_char(c: str) -> str:
+    """One character as it may appear inside a quoted logfmt value: quotes, backslashes and
+    anything a terminal could act on (ESC starts colour and cursor sequences, a bare CR
+    overwrites the line) written out as an escape, as Go's logfmt does."""
+    if c in _NAMED_ESCAPES:
+        return _NAMED_ESCAPES[c]
+    if c.isprintable():
+        return c
+    code = ord(c)
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
 def _logfmt_value(value: object) -> str:
+    """Values with spaces, `=`, quotes or unprintable characters are quoted and escaped:
+    logged strings come from clients and databases, and must not be able to forge a field, a
+    line or a terminal escape sequence."""
     s = str(value)
-    if s == "" or any(c in s for c in ' ="\n\r\t'):
-        escaped = s.replace("\\", "\\\\").replace('"', '\\"')
-        return '"' + escaped.replace("\n", "\\n").replace("\r", "\\r") + '"'
+    if s == "" or any(c in ' ="' or not c.isprintable() for c in s):
+        return '"' + "".join(map(_escape_char, s)) + '"'
     return s
 
 
@@ -59,7 +76,9 @@ class JsonFormatter(logging.Formatter):
         level = record.levelname.lower().replace("warning", "warn")
         doc = {"ts": _ts(record), "level": level, "logger": record.name, "msg": record.getMessage()}
         doc.update({k: str(v) for k, v in (getattr(record, "fields", None) or {}).items()})
-        return json.dumps(doc)
+        # json.dumps escapes C0 controls (ESC included) and, ASCII-only, everything past
+        # U+007F; DEL is the one control character JSON lets through raw.
+        return json.dumps(doc).replace("\x7f", "\\u007f")
 
 
 class RateLimit(logging.Filter):
