@@ -12,6 +12,7 @@ from exporter.diagnosis.web import FINDINGS_PATH
 from exporter.diagnosis.web import document as findings_document
 from exporter.diagnosis.web import section as findings_section
 from exporter.http import landing
+from exporter.http.connlimit import headers_received
 from exporter.http.status import DaemonView
 from exporter.ingest import REPORTS_PATH, reports_handler
 
@@ -97,7 +98,8 @@ async def landing_page(request: web.Request) -> web.Response:
 
 def build_app(daemon: DaemonView, middlewares: list | None = None) -> web.Application:
     app = web.Application(
-        middlewares=middlewares or [],
+        # outermost: a request past its headers stops its connection's header deadline
+        middlewares=[headers_received, *(middlewares or [])],
         # Bodies are only read by the ingest handler, with its own limit; nothing else may
         # buffer more than a report.
         client_max_size=daemon.config.ingest.max_body_bytes + 1,

@@ -30,11 +30,16 @@ What it covers, and the one exception:
 Operational behaviour:
 
 - bcrypt is slow on purpose (~0.2 s at cost 12) and Prometheus scrapes often, so verified
-  results are cached, keyed by a SHA-256 of (user, hash, password) - the cache never holds a
-  password - in a bounded LRU. Cache misses run in a worker thread, at most two at a time, so
-  guessing passwords cannot stall `/metrics` for everyone else. Unknown users are checked
-  against a dummy hash so response time does not reveal which users exist; the comparison
-  itself is bcrypt's constant-time one.
+  credentials are cached, keyed by a SHA-256 of (user, hash, password) - the cache never
+  holds a password - in a bounded LRU. Only successes are cached, so a flood of guesses cannot
+  evict them, and the cache is kept across reloads: the key holds the user's hash, so a
+  changed or removed user no longer matches. Cache misses run in a worker thread, at most two
+  at a time, handed out in turn across client addresses, and each address may fail only so
+  often (`exporter.http.authwork`): guessing passwords cannot stall `/metrics` for everyone
+  else, nor queue a correct first login behind the guesses. Unknown users are checked against
+  a dummy hash so response time does not reveal which users exist; the comparison itself is
+  bcrypt's constant-time one. Every failure is a 401, a password over bcrypt's 72 bytes
+  included (bcrypt 5 refuses to check one, as Go's bcrypt does).
 - **Reload without restart**: the web config file and the certificate, key and CA files are
   checked (at most once a second) when a TLS handshake or a request arrives; when one has
   changed, everything is re-read and validated on a *new* SSLContext, which new connections
@@ -65,6 +70,7 @@ import bcrypt
 import yaml
 from aiohttp import web
 
+from exporter.http.authwork import FailureLimit, FairChecks
 from exporter.ingest.wire import REPORTS_PATH
 from exporter.logs import kv
 
@@ -74,6 +80,10 @@ INGEST_PATH = REPORTS_PATH  # POST here answers to the ingest bearer token, not 
 RELOAD_CHECK_INTERVAL = 1.0  # seconds between mtime checks
 AUTH_CACHE_SIZE = 1024
 AUTH_CONCURRENCY = 2  # bcrypt checks running at once (cache misses)
+BCRYPT_MAX_PASSWORD = 72  # bytes: bcrypt ignores (bcrypt 5: refuses) anything longer
+# seconds a client out of failure allowance waits for its 401: a flooding client then costs
+# the event loop a timer per second and connection, not a request as fast as it can send
+LIMITED_DELAY = 1.0
 REALM = "pgpressure"
 
 _CLIENT_AUTH = {
@@ -371,6 +381,8 @@ def build_ssl_context(tls: TlsSettings, source: str = "<web config>") -> ssl.SSL
 class _AuthCache:
     """Bounded LRU of digest(user, hash, password) -> verified; never holds a password."""
 
+    # Only True is stored (see the module docstring): get() is True or None.
+
     def __init__(self, size: int = AUTH_CACHE_SIZE) -> None:
         self.size = size
         self._entries: OrderedDict[bytes, bool] = OrderedDict()
@@ -431,7 +443,8 @@ class WebConfig:
         self._mtimes = self._stat()
         self._checked = time.monotonic()
         self.cache = _AuthCache()
-        self._auth_slots: asyncio.Semaphore | None = None
+        self._checks = FairChecks(AUTH_CONCURRENCY)
+        self._failures = FailureLimit()
         self._dummy_hash: bytes | None = None  # made on first use, off the event loop
         self.ssl_context: ssl.SSLContext | None = None
         self._current_ctx: ssl.SSLContext | None = None
@@ -508,8 +521,7 @@ class WebConfig:
             settings = WebSettings(self.settings.tls, settings.users, settings.headers)
             ctx = self._current_ctx
         if settings.users != self.settings.users:
-            self.cache = _AuthCache()
-            self._dummy_hash = None
+            self._dummy_hash = None  # the users' cost may have changed; the cache stays valid
         self.settings = settings
         self._mtimes = self._stat()  # the TLS file set may have changed
         if ctx is not None:
@@ -530,24 +542,30 @@ class WebConfig:
         return None
 
     # -- requests --------------------------------------------------------------------------
-    async def _verify(self, user: str, password: bytes) -> bool:
+    async def _verify(self, user: str, password: bytes, client: str) -> bool:
+        """Whether `user` and `password` are right: from the cache, else by bcrypt when the
+        client may still fail and its turn comes (`exporter.http.authwork`)."""
+        if len(password) > BCRYPT_MAX_PASSWORD:
+            self._failures.failed(client)
+            return False
         users = self.settings.users
         known = user in users
+        if known and self.cache.get(self.cache.key(user, users[user], password)):
+            return True
+        if not self._failures.allows(client):
+            await asyncio.sleep(LIMITED_DELAY)
+            return False
         if not known and self._dummy_hash is None:
-            self._dummy_hash = await asyncio.to_thread(self._make_dummy, users)
+            self._dummy_hash = await self._checks.run(client, lambda: self._make_dummy(users))
         hashed = users[user] if known else self._dummy_hash
-        cache = self.cache
-        key = cache.key(user, hashed, password)
-        cached = cache.get(key)
-        if cached is not None:
-            return cached and known
-        if self._auth_slots is None:
-            self._auth_slots = asyncio.Semaphore(AUTH_CONCURRENCY)
-        async with self._auth_slots:
-            ok = await asyncio.to_thread(bcrypt.checkpw, password, hashed)
-        ok = bool(ok) and known
-        cache.put(key, ok)
-        return ok
+        if hashed is None:  # the client's queue is full
+            return False
+        ok = await self._checks.run(client, lambda: bcrypt.checkpw(password, hashed)) and known
+        if ok:
+            self.cache.put(self.cache.key(user, hashed, password), True)
+        else:
+            self._failures.failed(client)
+        return bool(ok)
 
     def _san_allowed(self, request: web.Request) -> bool:
         allowed = self.settings.tls.allowed_sans if self.settings.tls else ()
@@ -569,7 +587,7 @@ class WebConfig:
             return web.Response(status=403, text="client certificate not allowed\n")
         if settings.users and not (request.method == "POST" and request.path == INGEST_PATH):
             creds = _parse_basic(request.headers.get("Authorization"))
-            if creds is None or not await self._verify(*creds):
+            if creds is None or not await self._verify(*creds, request.remote or ""):
                 return web.Response(
                     status=401,
                     text="Unauthorized\n",
