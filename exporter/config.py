@@ -169,7 +169,12 @@ class IngestConfig(_Strict):
     max_apps: int = Field(50, ge=1)
     max_pools_per_app: int = Field(20, ge=1)
     max_processes: int = Field(2000, ge=1)
+    # No longer used: bodies being received are bounded by memory_budget_bytes, not by a
+    # count a slow client could fill. Kept so that configurations setting it still load.
     max_concurrent_requests: int = Field(32, ge=1)
+    # Everything ingest holds, in bytes (exporter.ingest.budget): half the memory limit of
+    # deploy/kubernetes/base/deployment.yaml (256Mi), the rest for the daemon itself.
+    memory_budget_bytes: int = Field(128 * 1024 * 1024, ge=1024 * 1024)
 
     @field_validator("token")
     @classmethod

@@ -280,6 +280,14 @@ TEMP_FILES = _spec(
     ("datname",),
     producer="exporter.postgres.database",
 )
+INVALID_UTF8_STRINGS = _spec(
+    "pg_invalid_utf8_strings_total",
+    "counter",
+    "Strings read from the target that were not valid UTF-8 (a SQL_ASCII database, a name "
+    "with stray bytes) and were shown with U+FFFD for the invalid bytes; read through the "
+    "target's connection, exported by the database source.",
+    producer="exporter.postgres.database",
+)
 WORK_MEM_BYTES = _spec(
     "pg_work_mem_bytes",
     "gauge",
@@ -540,10 +548,33 @@ REPORTS = _spec(
     ("result",),
     producer="exporter.ingest.results",
 )
+INGEST_SUM_RESETS = _spec(
+    "pgpressure_ingest_sum_resets_total",
+    "counter",
+    "Histogram sums of pushed reports that overflowed (+Inf, sums of sums near the float "
+    "maximum) and restarted from the live processes' sums: a counter reset of that series.",
+    producer="exporter.ingest.aggregator",
+)
+INGEST_MEMORY = _spec(
+    "pgpressure_ingest_memory_bytes",
+    "gauge",
+    "Estimated bytes ingest holds against ingest.memory_budget_bytes: state (the last "
+    "report of each live and recently departed process) and bodies (reports being received).",
+    ("part",),
+    producer="exporter.ingest.budget",
+)
+INGEST_MEMORY_BUDGET = _spec(
+    "pgpressure_ingest_memory_budget_bytes",
+    "gauge",
+    "ingest.memory_budget_bytes: past it pushes are refused (pgpressure_reports_total "
+    "result over_budget or busy).",
+    producer="exporter.ingest.budget",
+)
 HTTP_CONNECTIONS_REFUSED = _spec(
     "pgpressure_http_connections_refused_total",
     "counter",
-    "Connections closed on accept because --web.max-connections were already open.",
+    "Connections closed on accept because --web.max-connections were already open, or "
+    "because the client's address already held its share of them (a quarter).",
     producer="exporter.core.selfmetrics",
 )
 CONFIG_LAST_RELOAD_SUCCESSFUL = _spec(

@@ -359,7 +359,11 @@ def post(d, body: bytes, headers: dict | None = None, timeout: float = 10) -> re
     return requests.post(
         d.url + REPORTS_PATH,
         data=body,
-        headers={"Authorization": f"Bearer {TOKEN}", **(headers or {})},
+        headers={
+            "Authorization": f"Bearer {TOKEN}",
+            "Content-Type": "application/json",
+            **(headers or {}),
+        },
         timeout=timeout,
     )
 
@@ -483,12 +487,15 @@ def test_http_malformed_requests_cannot_flood_the_log(daemon) -> None:
     assert added <= 20
 
 
-def _open_push(port: int, token: str | None = None) -> socket.socket:
-    """A push that sends its headers and one byte of a 100 kB body, then nothing more."""
+def _open_push(port: int, token: str | None = None, sent: int = 1) -> socket.socket:
+    """A push that sends its headers and `sent` bytes of a 1 MB body, then nothing more."""
     s = socket.create_connection(("127.0.0.1", port))
     auth = f"Authorization: Bearer {token}\r\n" if token else ""
-    head = f"POST {REPORTS_PATH} HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n{auth}"
-    s.sendall(f"{head}\r\n{{".encode())
+    head = (
+        f"POST {REPORTS_PATH} HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000\r\n"
+        f"Content-Type: application/json\r\n{auth}"
+    )
+    s.sendall(f"{head}\r\n".encode() + b"{" + b" " * (sent - 1))
     return s
 
 
@@ -503,15 +510,15 @@ def _status_line(s: socket.socket, timeout: float) -> bytes:
 @pytest.mark.slow
 def test_http_refusals_come_before_slots_and_are_all_counted() -> None:
     """Slow pushes without a token are refused with 401 from their headers alone: they never
-    hold an ingest slot (with them, 2 slots would be taken for 10 s each). The route's own
-    refusals, 415, 503 and 408, are counted like every other, and every result is exported
-    at 0 before the first push."""
-    config = f"databases: []\ningest:\n  token: {TOKEN}\n  max_concurrent_requests: 2\n"
+    get time to send a body. The route's own refusals, 415, 503 and 408, are counted like
+    every other, and every result is exported at 0 before the first push. (503: bodies being
+    received fill the memory budget; 1 MiB here.)"""
+    config = f"databases: []\ningest:\n  token: {TOKEN}\n  memory_budget_bytes: 1048576\n"
     with run_daemon(config) as d:
         port = int(d.url.rsplit(":", 1)[1])
         d.wait_for(lambda: d.value("pgpressure_reports_total", result="accepted") == 0)
         exported = {ls["result"]: v for ls, v in d.metrics()["pgpressure_reports_total"]}
-        assert len(exported) == 13 and set(exported.values()) == {0}, exported
+        assert len(exported) == 15 and set(exported.values()) == {0}, exported
         squatters = [_open_push(port) for _ in range(6)]
         for s in squatters:
             assert _status_line(s, 5) == b"HTTP/1.1 401 Unauthorized"
@@ -520,16 +527,18 @@ def test_http_refusals_come_before_slots_and_are_all_counted() -> None:
         assert time.monotonic() - t0 < 1.5
         r = post(d, dumps(report(app="through", seq=2)), {"Content-Encoding": "gzip"})
         assert (r.status_code, r.json()["reason"]) == (415, "unsupported_encoding")
-        holders = [_open_push(port, TOKEN) for _ in range(2)]  # both slots, 10 s each
-        time.sleep(0.5)
-        r = post(d, dumps(report(app="through", seq=3)))
+        holders = [_open_push(port, TOKEN, sent=600_000)]  # over half the budget, then stalls
+        time.sleep(1.0)
+        big = report(app="through", seq=3)
+        big["padding"] = "x" * 600_000  # unknown keys are ignored; its bytes count
+        r = post(d, dumps(big))
         assert (r.status_code, r.json()["reason"]) == (503, "busy")
         for s in holders:
             assert _status_line(s, 15) == b"HTTP/1.1 408 Request Timeout"
         for s in squatters + holders:
             s.close()
         want = {"accepted": 1, "unauthorized": 6, "unsupported_encoding": 1, "busy": 1}
-        want["timeout"] = 2
+        want["timeout"] = 1
         d.wait_for(
             lambda: all(
                 d.value("pgpressure_reports_total", result=k) == n for k, n in want.items()
@@ -559,17 +568,23 @@ def _keep_alive_get(s: socket.socket, path: str) -> bytes:
 def test_http_connections_past_the_cap_are_closed_and_counted() -> None:
     """Idle connections cannot use up the daemon's file descriptors: past
     --web.max-connections a new connection is closed on accept and counted, while the
-    connections already open (a scraper's keep-alive among them) keep working."""
+    connections already open (a scraper's keep-alive among them) keep working. Each client
+    comes from its own loopback address: one address may hold only a quarter of the cap."""
     with run_daemon("databases: []\n", "--web.max-connections", "6") as d:
         port = int(d.url.rsplit(":", 1)[1])
-        scraper = socket.create_connection(("127.0.0.1", port))
+
+        def connect(i: int) -> socket.socket:
+            return socket.create_connection(("127.0.0.1", port), source_address=(f"127.0.0.{i}", 0))
+
+        scraper = connect(2)
         # Each idle client makes one request first, so it is surely registered when the
         # next connection arrives, then keeps its connection open and says nothing more.
-        idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(5)]
+        # (The sixth connection is the readiness check's, kept alive by its session.)
+        idle = [connect(3 + i) for i in range(4)]
         for s in [scraper, *idle]:
             assert _keep_alive_get(s, "/-/healthy").startswith(b"HTTP/1.1 200")
-        for _ in range(3):
-            with socket.create_connection(("127.0.0.1", port)) as extra:
+        for i in range(3):
+            with connect(10 + i) as extra:
                 extra.settimeout(10)
                 try:
                     extra.sendall(b"GET /-/healthy HTTP/1.1\r\nHost: x\r\n\r\n")

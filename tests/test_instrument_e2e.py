@@ -285,7 +285,7 @@ def test_bad_pushes_get_4xx_are_counted_and_the_daemon_carries_on(tmp_path):
     token = "tok-" + uuid.uuid4().hex
     with run_daemon(config(extra=f"  token: {token}\n  max_body_bytes: 4096\n")) as daemon:
         endpoint = daemon.url + "/api/v1/reports"
-        auth = {"Authorization": f"Bearer {token}"}
+        auth = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
         good = {
             "version": 1,
             "app": "bad-pushes",
@@ -450,7 +450,7 @@ def test_emptied_token_file_refuses_pushes(tmp_path):
             r = requests.post(endpoint, data=body, headers=headers, timeout=5)
             assert (r.status_code, r.json()["reason"]) == (401, "unauthorized"), headers
         token_file.write_text("second-token\n")
-        auth = {"Authorization": "Bearer second-token"}
+        auth = {"Authorization": "Bearer second-token", "Content-Type": "application/json"}
         assert requests.post(endpoint, data=body, headers=auth, timeout=5).status_code == 200
         token_file.write_text("")  # emptied again: still closed to pushes without the token
         r = requests.post(endpoint, data=body, timeout=5)

@@ -8,8 +8,12 @@ seen in the integer counts only, as the float sums of a process may wobble by an
 process silent for `stale_after` (or three of its push intervals, if longer) leaves the gauges
 and its totals are folded in; it is remembered for ten times that long, so if it reports again
 (a paused pod, a network partition) its folded totals are taken back out instead of being
-counted twice. Exported histogram sums never go below what was exported before. Apps, pools
-per app and live processes are capped.
+counted twice. Exported histogram sums never go below what was exported before, unless one
+overflows: a sum that is no longer finite (sums of sums near the float maximum) restarts from
+the live processes' sums, a reset of that series, counted in
+`pgpressure_ingest_sum_resets_total`. Apps, pools per app and live processes are capped, and
+what is kept is within the ingest memory budget (`exporter.ingest.budget`): a pool's report is
+kept as a compact snapshot (`exporter.ingest.totals`), not as the validated model.
 
 Everything runs on the daemon's event loop without awaiting, so no locks are needed.
 """
@@ -23,9 +27,10 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from exporter import metrics as m
+from exporter.ingest.budget import MemoryBudget
 from exporter.ingest.model import PoolReport, Report
 from exporter.ingest.results import Refused
-from exporter.ingest.totals import Totals, keep_sums, went_backwards
+from exporter.ingest.totals import PoolSnapshot, Totals, keep_sums, went_backwards
 from exporter.ingest.wire import BOUNDS, HISTOGRAMS
 from exporter.metrics import HistogramValue, Sample
 
@@ -50,19 +55,21 @@ class Process:
     app: str
     seq: int
     last_seen: float  # monotonic
-    pools: dict[str, PoolReport]
+    pools: dict[str, PoolSnapshot]
     stale_after: float = 0.0  # seconds of silence after which it departs
 
 
 @dataclass
 class AppState:
     departed: dict[str, Totals] = field(default_factory=dict)  # pool -> folded-in totals
-    pools: set[str] = field(default_factory=set)  # every pool ever accepted (the cap)
+    # every pool ever accepted (the cap), each name kept once for all the app's processes
+    pools: dict[str, str] = field(default_factory=dict)
     live: int = 0
     idle_since: float = 0.0  # monotonic time the last live process left
     # (pool, histogram) -> the highest sum exported: float sums regrouped when a process
     # departs or comes back can come out an ulp lower, and a counter must not go backwards.
     sum_floor: dict[tuple[str, str], float] = field(default_factory=dict)
+    overflowed: set[tuple[str, str]] = field(default_factory=set)  # (pool, histogram) at +Inf
 
 
 @dataclass
@@ -71,7 +78,7 @@ class Gone:
 
     app: AppState
     seq: int
-    pools: dict[str, PoolReport]
+    pools: dict[str, PoolSnapshot]
     until: float  # monotonic
 
 
@@ -83,6 +90,9 @@ class IngestAggregator:
         self._apps: dict[str, AppState] = {}
         # recently departed processes, oldest first; at most max_processes of them
         self._gone: dict[Key, Gone] = {}
+        self._snapshots = 0  # pool snapshots held by live and departed processes
+        self.budget = MemoryBudget(lambda: self.config.memory_budget_bytes, self.state_bytes)
+        self.sum_resets = 0
 
     # -- a report arrives ---------------------------------------------------------------------
     def accept(self, report: Report) -> tuple[str, dict[str, Any]]:
@@ -100,6 +110,7 @@ class IngestAggregator:
         app = self._admit_app(report.app, now)
         if proc is None:
             self._admit_process(now)
+        self._within_budget(key, proc, len(report.pools))
         if app is None:
             app = self._apps[report.app] = AppState()
         pools, refused = self._within_pool_cap(app, report.pools)
@@ -148,19 +159,34 @@ class IngestAggregator:
                 "live processes",
             )
 
+    def _within_budget(self, key: Key, proc: Process | None, pools: int) -> None:
+        """Room in the memory budget for what this report may add (a new process, more pools
+        than it had), the oldest departed processes forgotten first; else `Refused`."""
+        gone = self._gone.get(key) if proc is None else None
+        held = proc.pools if proc is not None else gone.pools if gone is not None else {}
+        more = self.budget.cost(int(proc is None and gone is None), max(pools - len(held), 0))
+        while not self.budget.state_fits(more) and self._forget_oldest_gone(key):
+            pass
+        if not self.budget.state_fits(more):
+            raise self.budget.over_budget("this report's process and pools")
+
+    def state_bytes(self) -> int:
+        """The estimated bytes of what is kept: live and departed processes, their pools."""
+        return self.budget.cost(len(self._processes) + len(self._gone), self._snapshots)
+
     def _within_pool_cap(
         self, app: AppState, reports: list[PoolReport]
-    ) -> tuple[dict[str, PoolReport], list[str]]:
+    ) -> tuple[dict[str, PoolSnapshot], list[str]]:
         """The pools the app may have (it keeps every pool it was ever accepted) and the
         names of those left out at `max_pools_per_app`."""
-        pools: dict[str, PoolReport] = {}
+        pools: dict[str, PoolSnapshot] = {}
         refused: list[str] = []
         for p in reports:
             if p.pool not in app.pools and len(app.pools) >= self.config.max_pools_per_app:
                 refused.append(p.pool)
                 continue
-            app.pools.add(p.pool)
-            pools[p.pool] = p
+            name = app.pools.setdefault(p.pool, p.pool)
+            pools[name] = PoolSnapshot.of(p)
         return pools, refused
 
     def _arrive(self, key: Key, app: AppState, now: float) -> Process:
@@ -169,14 +195,18 @@ class IngestAggregator:
         proc = self._processes[key] = Process(key[0], 0, now, {})
         app.live += 1
         gone = self._gone.pop(key, None)
-        if gone is not None and gone.app is app:
+        if gone is None:
+            return proc
+        if gone.app is app:
             for name, p in gone.pools.items():
                 app.departed[name].subtract(p)
             proc.pools, proc.seq = gone.pools, gone.seq
+        else:
+            self._snapshots -= len(gone.pools)
         return proc
 
     def _update(
-        self, proc: Process, app: AppState, pools: dict[str, PoolReport], now: float
+        self, proc: Process, app: AppState, pools: dict[str, PoolSnapshot], now: float
     ) -> None:
         """Make `pools` the process's latest. A pool it stopped reporting, or whose counts
         went backwards (the process started over), keeps what it had: folded in."""
@@ -186,6 +216,7 @@ class IngestAggregator:
                 app.departed.setdefault(name, Totals()).add(old)
             else:
                 pools[name] = keep_sums(old, new)
+        self._snapshots += len(pools) - len(proc.pools)
         proc.pools = pools
         proc.last_seen = now
 
@@ -200,7 +231,19 @@ class IngestAggregator:
         if idle:
             forgotten = self._apps.pop(min(idle)[1])
             for key in [k for k, g in self._gone.items() if g.app is forgotten]:
-                del self._gone[key]
+                self._forget_gone(key)
+
+    def _forget_gone(self, key: Key) -> None:
+        """A departed process is no longer remembered: if it reports again, it is new."""
+        self._snapshots -= len(self._gone.pop(key).pools)
+
+    def _forget_oldest_gone(self, keep: Key) -> bool:
+        """Forget the departed process that left first (not `keep`); False if none is left."""
+        oldest = next((k for k in self._gone if k != keep), None)
+        if oldest is None:
+            return False
+        self._forget_gone(oldest)
+        return True
 
     # -- time passes ----------------------------------------------------------------------------
     def expire(self) -> None:
@@ -212,12 +255,13 @@ class IngestAggregator:
             if proc.last_seen < now - max(proc.stale_after, self.config.stale_after):
                 self._depart(key, proc, now)
         for key in [k for k, g in self._gone.items() if g.until < now]:
-            del self._gone[key]
+            self._forget_gone(key)
 
     def _depart(self, key: Key, proc: Process, now: float) -> None:
         app = self._apps.get(proc.app)
         del self._processes[key]
         if app is None:
+            self._snapshots -= len(proc.pools)
             return
         for name, p in proc.pools.items():
             app.departed.setdefault(name, Totals()).add(p)
@@ -226,14 +270,15 @@ class IngestAggregator:
             app.idle_since = now
         # Remembered a while (bounded), so that a return is not counted twice.
         stale = max(proc.stale_after, self.config.stale_after)
-        self._gone.pop(key, None)  # re-inserted last: the dict stays oldest first
+        if key in self._gone:  # re-inserted last: the dict stays oldest first
+            self._forget_gone(key)
         self._gone[key] = Gone(app, proc.seq, proc.pools, now + GONE_KEEP * stale)
         while len(self._gone) > self.config.max_processes:
-            del self._gone[next(iter(self._gone))]
+            self._forget_gone(next(iter(self._gone)))
 
     # -- what is exported -----------------------------------------------------------------------
     def samples(self) -> list[Sample]:
-        live: dict[str, dict[str, list[PoolReport]]] = {}
+        live: dict[str, dict[str, list[PoolSnapshot]]] = {}
         for proc in self._processes.values():
             by_pool = live.setdefault(proc.app, {})
             for name, p in proc.pools.items():
@@ -243,9 +288,11 @@ class IngestAggregator:
             out.append(Sample(m.APP_PROCESSES, (app_name,), float(app.live)))
             reports = live.get(app_name, {})
             for pool in sorted(set(app.departed) | set(reports)):
-                totals = _totals(app, pool, reports.get(pool, []))
+                totals, resets = _totals(app, pool, reports.get(pool, []))
+                self.sum_resets += resets
                 out.extend(_pool_samples(app_name, pool, totals, reports.get(pool, [])))
-        return out
+        out.append(Sample(m.INGEST_SUM_RESETS, (), float(self.sum_resets)))
+        return [*out, *self.budget.samples()]
 
     def live_processes(self) -> int:
         return len(self._processes)
@@ -255,23 +302,46 @@ class IngestAggregator:
         return {"processes": len(self._processes), "apps": len(self._apps)}
 
 
-def _totals(app: AppState, pool: str, reports: list[PoolReport]) -> Totals:
+def _totals(app: AppState, pool: str, reports: list[PoolSnapshot]) -> tuple[Totals, int]:
     """What departed processes counted plus the live processes' last reports, each histogram
-    sum at least what was exported before."""
-    totals = app.departed.get(pool, Totals()).copy()
+    sum at least what was exported before; and how many sums overflowed just now."""
+    departed = app.departed.get(pool)
+    totals = departed.copy() if departed is not None else Totals()
     for p in reports:
         totals.add(p)
+    resets = 0
     for h in HISTOGRAMS:
-        floor = max(totals.sums[h], app.sum_floor.get((pool, h), 0.0))
-        totals.sums[h] = app.sum_floor[(pool, h)] = floor
-    return totals
+        key = (pool, h)
+        if not math.isfinite(totals.sum(h)):
+            resets += key not in app.overflowed
+            app.overflowed.add(key)
+            totals.restart_sum(h, _restart(app, key, departed, reports))
+            continue
+        app.overflowed.discard(key)
+        floor = max(totals.sum(h), app.sum_floor.get(key, 0.0))
+        totals.restart_sum(h, floor)
+        app.sum_floor[key] = floor
+    return totals, resets
+
+
+def _restart(
+    app: AppState, key: tuple[str, str], departed: Totals | None, reports: list[PoolSnapshot]
+) -> float:
+    """A sum that is no longer finite starts over: what departed processes added and the
+    floor are dropped, leaving the live processes' own sums (+Inf while they alone overflow,
+    finite again once they restart or leave). A counter that drops is a reset to Prometheus,
+    which `rate()` and `increase()` handle; a sum stuck at +Inf would never be useful again."""
+    if departed is not None:
+        departed.restart_sum(key[1])
+    app.sum_floor[key] = 0.0
+    return sum(p.sum(key[1]) for p in reports)
 
 
 def _ignored() -> tuple[str, dict[str, Any]]:
     return "out_of_order", {"status": "ignored", "reason": "out_of_order"}
 
 
-def _pool_samples(app: str, pool: str, totals: Totals, reports: list[PoolReport]) -> list[Sample]:
+def _pool_samples(app: str, pool: str, totals: Totals, reports: list[PoolSnapshot]) -> list[Sample]:
     """Counters and histograms from the totals; gauges from the live processes' last reports,
     only while one is alive."""
     labels = (app, pool)
@@ -279,16 +349,16 @@ def _pool_samples(app: str, pool: str, totals: Totals, reports: list[PoolReport]
         Sample(m.POOL_CHECKOUTS, labels, totals.checkouts),
         Sample(m.POOL_TIMEOUTS, labels, totals.timeouts),
     ]
-    for reason, n in totals.closed.items():
+    for reason, n in totals.closed().items():
         out.append(Sample(m.POOL_CONNECTIONS_CLOSED, (*labels, reason), n))
     for h, spec in HISTOGRAM_SPECS:
-        out.append(Sample(spec, labels, _histogram(totals.counts[h], totals.sums[h])))
+        out.append(Sample(spec, labels, _histogram(totals.counts(h), totals.sum(h))))
     if reports:
         out.extend(_gauges(labels, reports))
     return out
 
 
-def _gauges(labels: tuple[str, str], reports: list[PoolReport]) -> list[Sample]:
+def _gauges(labels: tuple[str, str], reports: list[PoolSnapshot]) -> list[Sample]:
     """Summed over the live processes; an unbounded pool makes the maximum infinite. A sum
     hides one exhausted process among idle ones (one uvicorn worker with every connection in
     use and callers waiting, the other idle: 5 of 10 used), so the processes that are
@@ -310,12 +380,12 @@ def _gauges(labels: tuple[str, str], reports: list[PoolReport]) -> list[Sample]:
     return out
 
 
-def _exhausted(p: PoolReport) -> bool:
+def _exhausted(p: PoolSnapshot) -> bool:
     """Every connection the pool may open is checked out and callers wait for one."""
     return p.max is not None and p.max > 0 and p.used >= p.max and p.pending > 0
 
 
-def _utilisation(p: PoolReport) -> float:
+def _utilisation(p: PoolSnapshot) -> float:
     """Checked out / the pool's maximum; 0 for an unbounded or not yet used pool."""
     return p.used / p.max if p.max else 0.0
 

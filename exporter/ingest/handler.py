@@ -1,35 +1,32 @@
 """`POST wire.REPORTS_PATH`: the HTTP side of ingest, and where every push's result is counted.
 
 A push is judged in the order that costs the daemon least: the token from the headers alone
-(a push without one never holds an ingest slot nor gets time to send its body), then the
-encoding (reports are small and sent uncompressed; inflating would let 1 MB on the wire
-become 1 GB of work on the event loop), then a free slot (at most `max_concurrent_requests`
-pushes are read at once, and a push waits a short while for one instead of queueing without
-limit), then the body within a size and a time limit, then the report itself. Each outcome,
-accepted or refused, is counted once in `pgpressure_reports_total{result}`.
+(a push without one never gets time to send its body), then the encoding (reports are small
+and sent uncompressed; inflating would let 1 MB on the wire become 1 GB of work on the event
+loop), then the media type (`application/json` only: a form or `text/plain` post is what a
+browser sends cross-origin without asking first, so a web page could otherwise push into an
+endpoint without a token), then the body within a size limit, a deadline and the ingest
+memory budget (`exporter.ingest.body`: nothing is queued for, so slow bodies cannot starve
+real pushes), then the report itself. Each outcome, accepted or refused, is counted once in
+`pgpressure_reports_total{result}`.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
 from exporter.ingest.aggregator import IngestAggregator
 from exporter.ingest.auth import BearerAuth
+from exporter.ingest.body import received
 from exporter.ingest.model import parse
 from exporter.ingest.results import Refused, Results
 
 if TYPE_CHECKING:
     from exporter.config import IngestConfig
-
-SLOT_WAIT = 2.0  # seconds a push may wait for a free ingest slot before a 503
-READ_TIMEOUT = 10.0  # seconds a client gets to send a report body
-RETRY_AFTER = "5"  # seconds, told to a push refused for want of a slot
 
 
 class IngestHandler:
@@ -44,22 +41,21 @@ class IngestHandler:
         self.auth = BearerAuth(config, clock)
         self.results = Results()
         self._clock = clock
-        self._slots = asyncio.Semaphore(config.max_concurrent_requests)
 
     def reconfigure(self, config: IngestConfig) -> None:
-        """New limits and token from the next push on (a reload); pushes already holding a
-        slot release the one they took."""
+        """New limits and token from the next push on (a reload); the memory budget follows
+        the aggregator's config."""
         self.config = config
         self.auth = BearerAuth(config, self._clock)
-        self._slots = asyncio.Semaphore(config.max_concurrent_requests)
 
     async def handle(self, request: web.Request) -> web.Response:
         """The aiohttp handler."""
         try:
             self.auth.check(request.headers.get("Authorization"))
             _identity_encoding(request)
-            async with self._slot():
-                body = await _read_body(request, self.config.max_body_bytes)
+            _json(request)
+            limit = self.config.max_body_bytes
+            async with received(request, limit, self.aggregator.budget) as body:
                 status, doc = self.receive(body)
         except Refused as refused:
             status, doc = self._refuse(refused)
@@ -80,21 +76,6 @@ class IngestHandler:
         self.results.count(refused.result)
         return refused.status, refused.answer()
 
-    @contextlib.asynccontextmanager
-    async def _slot(self) -> AsyncIterator[None]:
-        slots = self._slots  # a reload may replace it while this push holds a slot
-        try:
-            async with asyncio.timeout(SLOT_WAIT):
-                await slots.acquire()
-        except TimeoutError:
-            raise Refused(
-                503, "busy", "too many concurrent reports; retry", {"Retry-After": RETRY_AFTER}
-            ) from None
-        try:
-            yield
-        finally:
-            slots.release()
-
 
 async def ingest_disabled(request: web.Request) -> web.Response:
     """The route when `ingest.enabled` is false: a clear 404, not counted."""
@@ -107,20 +88,8 @@ def _identity_encoding(request: web.Request) -> None:
         raise Refused(415, "unsupported_encoding", "send reports without Content-Encoding")
 
 
-async def _read_body(request: web.Request, limit: int) -> bytes:
-    """The body, or its first limit + 1 bytes (enough for a 413 without ever holding an
-    oversized report), within READ_TIMEOUT. `content.read(n)` returns what has arrived so
-    far, which for a report spread over several TCP segments is only a part of it."""
-    chunks: list[bytes] = []
-    size = 0
-    try:
-        async with asyncio.timeout(READ_TIMEOUT):
-            while size <= limit:
-                chunk = await request.content.read(limit + 1 - size)
-                if not chunk:
-                    break
-                chunks.append(chunk)
-                size += len(chunk)
-    except TimeoutError:
-        raise Refused(408, "timeout", "the report body was not received in time") from None
-    return b"".join(chunks)
+def _json(request: web.Request) -> None:
+    if request.content_type != "application/json":
+        raise Refused(
+            415, "unsupported_media_type", "send reports with Content-Type: application/json"
+        )

@@ -23,8 +23,10 @@ RESULTS = (
     "pool_limit",  # 200, some pools left out
     "out_of_order",  # 200, ignored: not newer than what was counted
     "unsupported_encoding",  # 415
-    "busy",  # 503: no free ingest slot
+    "busy",  # 503: bodies being received fill ingest.memory_budget_bytes
     "timeout",  # 408: the body did not arrive in time
+    "unsupported_media_type",  # 415: not Content-Type: application/json
+    "over_budget",  # 429: a new process or pool past ingest.memory_budget_bytes
 )
 
 
