@@ -38,6 +38,8 @@ normalizer (constants become `$n`) and redacted before it is kept.
 from __future__ import annotations
 
 import contextlib
+import logging
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -47,10 +49,14 @@ from pglast.parser import ParseError, normalize
 from exporter import metrics as m
 from exporter.core.cardinality import OTHER, LabelCap
 from exporter.core.deltas import CumulativeDeltas
+from exporter.logs import kv
 from exporter.metrics import Sample
 from exporter.pinning import fingerprints
 from exporter.pinning import statements as pinning
+from exporter.postgres.connection import TargetUnavailable
 from exporter.redaction import redact
+
+log = logging.getLogger("pgpressure.pinning")
 
 Fetch = Callable[..., Awaitable[Sequence[Any]]]
 
@@ -80,6 +86,10 @@ WHERE s.queryid = ANY($1::bigint[]) AND s.query IS NOT NULL{toplevel}
 MAX_TEXT_CHARS = 4096
 #: Most texts fetched in one sample; the rest wait for the next (bounded work per interval).
 MAX_NEW_PER_SAMPLE = 2000
+#: SQLSTATE 22021 (character_not_in_repertoire): pg_stat_statements(true) holds a text that is
+#: not valid in the connected database's encoding (a statement run in a SQL_ASCII database),
+#: and the server fails the whole call, for every text, until pg_stat_statements_reset().
+TEXT_NOT_IN_ENCODING = "22021"
 
 
 @dataclass
@@ -125,6 +135,9 @@ class PinningRisk:
         self._calls = CumulativeDeltas()  # (userid, dbid, queryid) -> (calls,)
         self._stats_reset: str | None = None
         self._totals: dict[tuple[str, str], float] = {}
+        self.sampled_at: float | None = None  # Unix time of the last sample that succeeded
+        self._stale = False  # the database source could not sample since
+        self._texts_unreadable = False
 
     async def _prepare(self, fetch: Fetch) -> tuple[str, str]:
         if self._queries is None:
@@ -157,6 +170,7 @@ class PinningRisk:
         if unknown:
             await self._classify(fetch, texts_sql, rows, unknown)
         self._forget(self._count(rows))
+        self.sampled_at, self._stale = time.time(), False
 
         live = self._datname.seen() | {OTHER}  # dropped databases' series end
         for total_key in [k for k in self._totals if k[0] not in live]:
@@ -203,7 +217,14 @@ class PinningRisk:
         self, fetch: Fetch, texts_sql: str, rows: Sequence[Any], unknown: set[tuple[int, int]]
     ) -> None:
         wanted = sorted(unknown)[:MAX_NEW_PER_SAMPLE]
-        texts = await fetch(texts_sql, sorted({q for _, q in wanted}))
+        try:
+            texts = await fetch(texts_sql, sorted({q for _, q in wanted}))
+        except TargetUnavailable as exc:
+            if exc.sqlstate != TEXT_NOT_IN_ENCODING:
+                raise
+            self._note_texts(str(exc))  # unknown entries stay unclassified: tried again
+            return
+        self._note_texts("")
         datnames = {int(r["dbid"]): r["datname"] for r in rows}
         wanted_set = set(wanted)
         for row in texts:
@@ -225,9 +246,30 @@ class PinningRisk:
             stmt.fingerprints = fingerprints.match(text)
         return stmt
 
+    def _note_texts(self, error: str) -> None:
+        """Say once when texts become unreadable, and when they can be read again."""
+        if bool(error) == self._texts_unreadable:
+            return
+        self._texts_unreadable = bool(error)
+        if error:
+            log.warning(
+                "pg_stat_statements holds a statement text that is not valid in this "
+                "database's encoding (run in a SQL_ASCII database?): new statements cannot be "
+                "classified until pg_stat_statements_reset(), or read from that database",
+                extra=kv(err=error),
+            )
+        else:
+            log.info("pg_stat_statements texts can be read again")
+
+    def mark_stale(self) -> None:
+        """The database source could not read pg_stat_statements (dropped, unusable): what
+        `top_offenders()` reports is from `sampled_at`, and says so."""
+        self._stale = True
+
     def top_offenders(self) -> list[dict[str, object]]:
         """The pinning statements with the most calls, per role and database, with their
-        normalized text and the driver fingerprints they match (origin and documented fix)."""
+        normalized text and the driver fingerprints they match (origin and documented fix),
+        each marked `stale` when pg_stat_statements could not be read since `sampled_at`."""
         ranked = sorted(self._rows.items(), key=lambda item: (-item[1].calls, item[0]))
         out = []
         for (_, dbid, queryid), row in ranked[: self.top_n]:
@@ -244,6 +286,8 @@ class PinningRisk:
                     "query_bytes": stmt.text_bytes,
                     "truncated": stmt.truncated,
                     "fingerprints": [fp.as_json() for fp in stmt.fingerprints],
+                    "stale": self._stale,
+                    "sampled_at": self.sampled_at,
                 }
             )
         return out

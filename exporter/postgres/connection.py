@@ -6,6 +6,16 @@ is read-only, and carries server-side `statement_timeout` and `lock_timeout`, so
 behind a locked catalog is cut by the server. A client-side deadline a little longer than the
 statement timeout covers what the server cannot: a network that stops forwarding.
 Both sources of a target share the connection; a lock serialises them.
+
+Strings from the database are not trusted to be UTF-8: a `SQL_ASCII` database stores whatever
+bytes clients sent, and names of databases and roles are shared across databases of any
+encoding. asyncpg would raise on the first invalid byte (and the server itself refuses to
+send a `SQL_ASCII` database's bytes as UTF-8), failing every sample while one such string
+exists. So every string type is read as bytes and decoded here, invalid bytes replaced by
+U+FFFD and counted (`invalid_strings`, exported as `pg_invalid_utf8_strings_total`),
+and on a `SQL_ASCII` server the session's client_encoding is `SQL_ASCII` too, so the server
+passes bytes through instead of failing the query. Other encodings are converted to UTF-8 by
+the server, as usual.
 """
 
 from __future__ import annotations
@@ -22,6 +32,9 @@ from exporter.logs import kv
 from exporter.redaction import redact
 
 log = logging.getLogger("pgpressure.pg")
+
+#: PostgreSQL's string types, read as bytes and decoded leniently (`TargetConnection._text`).
+TEXT_TYPES = ("text", "name", "varchar", "bpchar", "char")
 
 
 class TargetUnavailable(Exception):
@@ -46,6 +59,7 @@ class TargetConnection:
         self._lock = asyncio.Lock()
         self._closed = False
         self.backend_pid: int | None = None
+        self.invalid_strings = 0  # strings read that were not valid UTF-8
 
     @property
     def name(self) -> str:
@@ -72,9 +86,36 @@ class TargetConnection:
                 "default_transaction_read_only": "on",
             },
         )
+        try:
+            await self._lenient_text(conn)
+        except BaseException:
+            conn.terminate()
+            raise
         self.backend_pid = conn.get_server_pid()
         log.info("connected to target", extra=kv(target=cfg.name, backend_pid=self.backend_pid))
         return conn
+
+    async def _lenient_text(self, conn: asyncpg.Connection) -> None:
+        """Strings as bytes, decoded by `_text`; a SQL_ASCII server's bytes passed through."""
+        if conn.get_settings().server_encoding.upper() == "SQL_ASCII":
+            await conn.execute("SET client_encoding = 'SQL_ASCII'")
+        for name in TEXT_TYPES:
+            await conn.set_type_codec(
+                name, schema="pg_catalog", encoder=str.encode, decoder=self._text, format="binary"
+            )
+
+    def _text(self, data: bytes) -> str:
+        try:
+            return data.decode("utf-8")
+        except UnicodeDecodeError:
+            self.invalid_strings += 1
+            if self.invalid_strings == 1:
+                log.warning(
+                    "the target returned strings that are not valid UTF-8; they are shown with "
+                    "U+FFFD for the invalid bytes and counted",
+                    extra=kv(target=self.config.name),
+                )
+            return data.decode("utf-8", "replace")
 
     async def fetch(self, query: str, *args: Any) -> list[asyncpg.Record]:
         """Run one read-only query; reconnect lazily, drop the connection on any failure."""
@@ -97,7 +138,9 @@ class TargetConnection:
                     await self._drop()
                 message = redact(str(exc) or type(exc).__name__)
                 raise TargetUnavailable(message, getattr(exc, "sqlstate", None)) from None
-            except (OSError, asyncpg.InterfaceError, TimeoutError) as exc:
+            except (OSError, asyncpg.InterfaceError, TimeoutError, UnicodeError) as exc:
+                # UnicodeError: a server message asyncpg could not decode (names with stray
+                # bytes in an error); the protocol state is unknown, so start over.
                 await self._drop()
                 reason = "timed out" if isinstance(exc, TimeoutError) else str(exc)
                 raise TargetUnavailable(redact(reason or type(exc).__name__)) from None

@@ -40,12 +40,14 @@ FROM pg_stat_database
 WHERE datname IS NOT NULL
 """
 
-# Rows are split by userid and toplevel; we sum them per (database, queryid).
+# Rows are split by userid and toplevel; we sum them per (database, queryid). Without the
+# texts (`pg_stat_statements(false)`): loading them is the view's expensive part, and one
+# text not valid in this database's encoding (run in a SQL_ASCII database) fails the call.
 STATEMENTS = """
 SELECT d.datname, s.queryid, sum(s.calls)::float8 AS calls,
        sum(s.total_exec_time)::float8 / 1000 AS exec_seconds,
        sum(s.temp_blks_written)::float8 * current_setting('block_size')::int AS temp_bytes
-FROM pg_stat_statements s JOIN pg_database d ON d.oid = s.dbid
+FROM pg_stat_statements(false) s JOIN pg_database d ON d.oid = s.dbid
 WHERE s.queryid IS NOT NULL
 GROUP BY 1, 2
 """
@@ -95,6 +97,7 @@ class DatabaseSource(Source):
         samples = [Sample(m.WORK_MEM_BYTES, (), float(rows[0]["work_mem_bytes"]))] if rows else []
         samples += [Sample(m.TEMP_BYTES, (db,), t[0]) for db, t in self._temp_totals.items()]
         samples += [Sample(m.TEMP_FILES, (db,), t[1]) for db, t in self._temp_totals.items()]
+        samples.append(Sample(m.INVALID_UTF8_STRINGS, (), float(self.conn.invalid_strings)))
         if self.config.statements.enabled:
             unusable = ""
             if has_statements:
@@ -107,6 +110,8 @@ class DatabaseSource(Source):
                     if exc.sqlstate not in STATEMENTS_UNUSABLE:
                         raise
                     has_statements, unusable = False, str(exc)
+            if not has_statements and self.pinning is not None:
+                self.pinning.mark_stale()  # what it reports is from before
             self._note_statements(has_statements, unusable)
             samples.append(Sample(m.STATEMENTS_AVAILABLE, (), float(has_statements)))
         return samples
