@@ -82,8 +82,8 @@ def test_every_alert_has_a_firing_and_a_silent_unit_test() -> None:
     for case in tests["tests"]:
         for t in case.get("alert_rule_test", []):
             (fires if t.get("exp_alerts") else silent).add(t["alertname"])
-    assert CONTRACT_NAMES <= fires, sorted(CONTRACT_NAMES - fires)
-    assert CONTRACT_NAMES <= silent, sorted(CONTRACT_NAMES - silent)
+    assert fires >= CONTRACT_NAMES, sorted(CONTRACT_NAMES - fires)
+    assert silent >= CONTRACT_NAMES, sorted(CONTRACT_NAMES - silent)
 
 
 def test_contract_alerts_with_exact_names_and_severities() -> None:
