@@ -97,6 +97,24 @@ def _pressure() -> list:
             [Q(f"sum by (app) (sqlalchemy_app_processes{{{APP}}})", "{{app}}")],
             w=8,
         ),
+        timeseries(
+            "Exhausted processes",
+            "Processes whose pool has every connection checked out while callers wait, and "
+            "the busiest process's used / max. A sum over processes hides one exhausted "
+            "worker among idle ones; above 0 for 2m fires SQLAlchemyPoolExhausted.",
+            "short",
+            [
+                Q(
+                    f"sum by (app, pool) (sqlalchemy_pool_exhausted_processes{{{APP}}})",
+                    "{{app}}/{{pool}} exhausted processes",
+                ),
+                Q(
+                    f"max by (app, pool) (sqlalchemy_pool_busiest_process_utilisation{{{APP}}})",
+                    "{{app}}/{{pool}} busiest process used / max",
+                ),
+            ],
+            w=12,
+        ),
     ]
 
 

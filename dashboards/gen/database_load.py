@@ -272,6 +272,7 @@ def _sessions() -> list:
 
 
 def _old_transactions() -> list:
+    by_app = "{{target}}/{{datname}} {{application_name}}"
     return [
         timeseries(
             "Oldest transaction, idle in transaction, query",
@@ -291,6 +292,29 @@ def _old_transactions() -> list:
                 Q(f"max by (target) (pg_oldest_query_seconds{{{PG}}})", "{{target}} query"),
             ],
             w=8,
+        ),
+        timeseries(
+            "Sessions, lock holders and idle transactions by application",
+            "Client backends by application_name (instrumented apps set it to their app "
+            "name), the age of the transaction of a session others wait on for a lock (the "
+            "blocker), and the longest idle-in-transaction session, by application.",
+            "short",
+            [
+                Q(
+                    f"sum by (target, datname, application_name) (pg_application_sessions{{{PG}}})",
+                    f"{by_app} sessions",
+                ),
+                Q(
+                    f"max by (target, datname, application_name) (pg_lock_blocker_seconds{{{PG}}})",
+                    f"{by_app} holding a lock (s)",
+                ),
+                Q(
+                    "max by (target, datname, application_name) "
+                    f"(pg_application_idle_in_transaction_seconds{{{PG}}})",
+                    f"{by_app} idle in transaction (s)",
+                ),
+            ],
+            w=24,
         ),
     ]
 

@@ -16,6 +16,8 @@ def build() -> dict:
         "One screen: is the path app -> pool -> proxy -> PostgreSQL healthy, and where is the "
         "time going. Drill down with the App pools, Database load and RDS Proxy dashboards.",
         [
+            row("What is the cause?"),
+            _findings(),
             row("Is the path healthy?"),
             *_app_health(),
             *_database_health(),
@@ -186,3 +188,23 @@ def _alerts_and_sources() -> list:
             w=6,
         ),
     ]
+
+
+def _findings():
+    return table(
+        "Findings: the cause and the fix",
+        "What the diagnosis rules conclude from the app pools, the database's sessions and "
+        "the proxy together (pgpressure_finding; the numbers and the fix are on the "
+        "exporter's landing page and at /api/v1/findings; docs/diagnosis.md). Empty when "
+        "nothing is wrong.",
+        "short",
+        [
+            Q(
+                "max by (rule, severity, target, datname, app, pool, proxy) "
+                '(pgpressure_finding{job=~"$job"})',
+                instant=True,
+            )
+        ],
+        w=24,
+        h=6,
+    )

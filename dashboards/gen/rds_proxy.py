@@ -116,6 +116,30 @@ def _pinning() -> list:
             bars=True,
         ),
         timeseries(
+            "Would pin (prepared statements warned about) and silent logs",
+            "INFO lines warning that a prepared statement would pin the session if it ran, "
+            "counted apart from pins (a count per bar); and 1 while the proxy reports pinned "
+            "connections but its log group has had no pinning line for 24 h (enhanced "
+            "logging turns itself off after 24 hours: turn it on again to see reasons).",
+            "short",
+            [
+                Q(
+                    sum_rate(
+                        "proxy, reason",
+                        "rds_proxy_pinning_would_pin_events_total",
+                        PROXY,
+                        "increase",
+                    ),
+                    "{{proxy}} would pin: {{reason}}",
+                ),
+                Q(
+                    f"max by (proxy) (rds_proxy_pinning_logs_silent{{{PROXY}}})",
+                    "{{proxy}} logging silent",
+                ),
+            ],
+            bars=True,
+        ),
+        timeseries(
             "Pinning-risk statements by reason",
             "Calls per second of statements in pg_stat_statements of the selected "
             "databases that would pin an RDS Proxy session, by reason. Fix these before "
