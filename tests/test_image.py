@@ -440,8 +440,8 @@ print(json.dumps({
     "services": sorted(boto3.session.Session().get_available_services()),
     "sources": sorted(str(p.relative_to(site)) for p in site.rglob("*")
                       if p.suffix in (".c", ".h", ".pyx", ".pxd", ".pyi")),
-    "exporter_wire_is_a_file": (site / "exporter" / "wire.py").is_file()
-        and not (site / "exporter" / "wire.py").is_symlink(),
+    "exporter_wire_is_a_file": (site / "exporter" / "ingest" / "wire.py").is_file()
+        and not (site / "exporter" / "ingest" / "wire.py").is_symlink(),
 }))
 """
 

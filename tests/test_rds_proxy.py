@@ -537,7 +537,10 @@ async def test_role_renewal_closes_the_clients_it_replaces(aws, fault_proxy) -> 
     ten minutes before they expire the source assumes the role again and closes the clients
     built with the old credentials, so their connections are released."""
     build_world(aws)
-    clock = Clock(T0)
+    # The credentials' expiry follows the real clock: start from now, not from the module's
+    # T0, which is as old as the test session.
+    start = float(math.floor(time.time()))
+    clock = Clock(start)
     source = RdsProxySource(role_config(fault_proxy.url), clock=clock, log_call_spacing=0)
     await source.sample()
     assert fault_proxy.calls["AssumeRole"] == 1
@@ -547,10 +550,10 @@ async def test_role_renewal_closes_the_clients_it_replaces(aws, fault_proxy) -> 
     for name, client in old.items():
         client.close = functools.partial(_record_close, client.close, closed, name)
 
-    clock.now = T0 + 3600 - 900  # fifteen minutes before expiry: nothing renewed yet
+    clock.now = start + 3600 - 900  # fifteen minutes before expiry: nothing renewed yet
     await source.sample()
     assert fault_proxy.calls["AssumeRole"] == 1 and not closed
-    clock.now = T0 + 3600 - 300  # inside the ten-minute renewal margin
+    clock.now = start + 3600 - 300  # inside the ten-minute renewal margin
     await source.sample()
 
     # The emulator dates the new credentials from the real clock, which the source's clock is
