@@ -64,7 +64,10 @@ class Venv:
         return env
 
     def pip(self, *args: str) -> str:
-        return _run([self.python, "-m", "pip", "--disable-pip-version-check", *args]).stdout
+        """pip of this venv, with the venv's environment only: a PYTHONPATH of the caller's
+        (a source tree with its egg-info) would make pip think a package is installed."""
+        cmd = [self.python, "-m", "pip", "--disable-pip-version-check", *args]
+        return _run(cmd, env=self.env()).stdout
 
     def freeze(self) -> dict[str, str]:
         out = self.pip("list", "--format", "json", "--exclude", "pip", "--exclude", "setuptools")
