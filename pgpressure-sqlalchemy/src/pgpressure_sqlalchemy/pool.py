@@ -10,11 +10,23 @@ The checkout timestamp is taken in the wrapper (sparing the checkout event, whos
 also makes SQLAlchemy take its slower checkout path) and the hold time in an override of
 `_do_return_conn`, the step both a checkin and `fairy.detach()` go through (a detach skips
 `_return_conn`); connect, invalidate and close are events. Times are integer nanoseconds.
+
+The request path (a checkout, a checkin, a statement) is what the application pays for, so
+it takes no lock (it queues its numbers: see stats.py), marks nothing in shared state, and
+makes no Python call it can avoid: on this 2-core machine a Python-level call costs about
+0.3 us, the lock and the bisect of one observation 0.5 us (bench/bench_instrument.py,
+valgrind instruction counts per checkout). Where SQLAlchemy's method is exactly the body we
+know (`_same_code`), the wrapper does that work itself, with the objects that method's module
+refers to, instead of calling it; anything else (a subclass's override, another version's
+body) is called as it is.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dis
+import inspect
+import sys
 import time
 import weakref
 from time import perf_counter_ns
@@ -24,11 +36,65 @@ from sqlalchemy import event
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.pool import Pool, QueuePool
 
-from pgpressure_sqlalchemy.stats import PoolStats
+from pgpressure_sqlalchemy.stats import DRAIN_AT, PoolStats
 
-_T_OUT = "_pgpressure_out"  # record.info: perf_counter_ns() at checkout
+# Attributes of the connection record (`_ConnectionRecord`), not keys of its `info` dict: the
+# first use of `record.info` gives the record a dict of its own, and CPython then no longer
+# specialises SQLAlchemy's `rec.get_connection()` and `rec.checkin()` on every checkout.
+_T_OUT = "_pgpressure_out"  # perf_counter_ns() at checkout, None when not checked out
 _INVALIDATED = "_pgpressure_invalidated"
-_RETURNING = "_pgpressure_returning"  # record.info: being returned to a full QueuePool
+_RETURN_CODES: set[Any] = set()  # code objects of the `_do_return_conn` overrides
+_STACK_DEPTH = 32  # frames searched from the close event up: the override is 6 or 7 up
+
+# SQLAlchemy's bodies (2.0 and 2.1) that the request path inlines when they are exactly these.
+_KNOWN = {
+    "connect": "def connect(self):\n    return _ConnectionFairy._checkout(self)\n",
+    "queue_return": (
+        "def _do_return_conn(self, record):\n"
+        "    try:\n"
+        "        self._pool.put(record, False)\n"
+        "    except sqla_queue.Full:\n"
+        "        try:\n"
+        "            record.close()\n"
+        "        finally:\n"
+        "            self._dec_overflow()\n"
+    ),
+    "do_execute": (
+        "def do_execute(self, cursor, statement, parameters, context=None):\n"
+        "    cursor.execute(statement, parameters)\n"
+    ),
+    "do_execute_no_params": (
+        "def do_execute_no_params(self, cursor, statement, context=None):\n"
+        "    cursor.execute(statement)\n"
+    ),
+    "do_executemany": (
+        "def do_executemany(self, cursor, statement, parameters, context=None):\n"
+        "    cursor.executemany(statement, parameters)\n"
+    ),
+}
+
+
+def _same_code(func: Any, known: str) -> bool:
+    """Whether `func` is the function `_KNOWN[known]`, instruction by instruction (names and
+    constants compared by value, so a docstring or annotations make no difference)."""
+    namespace: dict[str, Any] = {}
+    try:
+        exec(_KNOWN[known], namespace)  # our own constant source
+        reference = next(v for k, v in namespace.items() if k != "__builtins__")
+        code = getattr(func, "__code__", None)
+        if (
+            code is None
+            or code.co_varnames[: code.co_argcount]
+            != (reference.__code__.co_varnames[: reference.__code__.co_argcount])
+        ):
+            return False
+
+        def steps(f: Any) -> list[tuple[str, Any]]:
+            return [(i.opname, i.argval) for i in dis.get_instructions(f)]
+
+        return steps(func) == steps(reference)
+    except Exception:
+        return False
 
 
 def stats_of(pool: Pool) -> PoolStats | None:
@@ -49,9 +115,48 @@ def wrap_pool(pool: Pool, stats: PoolStats) -> None:
     }
     namespace["_do_return_conn"] = _make_return(base, stats)
     sub = type(f"Instrumented{base.__name__}", (base,), namespace)
-    pool.__class__ = sub
+    _adopt(pool, sub)
     _bind(pool, stats)
     _listen(pool, stats)
+
+
+def _adopt(obj: Any, cls: type) -> None:
+    """`obj.__class__ = cls` (a subclass of its class), giving `obj` an instance dict laid out
+    for `cls`, with the same attributes in the same order.
+
+    CPython 3.11 specialises a call like SQLAlchemy's `self.pool.connect()` or
+    `self.dialect.do_execute()` on the object's class and on its instance dict having that
+    class's shared key layout. After a bare `__class__` assignment the dict keeps the old
+    class's layout and every method call on the object (a handful per checkout and per
+    statement) misses and falls back to a lookup through the class hierarchy: valgrind
+    counted 5,000 more instructions and 100 more cache misses per checkout and statement.
+    A fresh, never initialised instance of `cls` lends its dict, with every key set in order,
+    and takes the object's values. The swap runs with thread switching held off (a GIL
+    build's switch interval), so no other thread writes the old dict meanwhile; where that
+    cannot be had, or anything is unexpected, it is the bare assignment, which only costs
+    speed."""
+    gil = getattr(sys, "_is_gil_enabled", lambda: True)()
+    try:
+        state = obj.__dict__
+        if not gil or type(state) is not dict:
+            raise TypeError("no layout to adopt")
+        shadow = object.__new__(cls)
+        for key in state:
+            setattr(shadow, key, None)  # the layout: cls's shared keys, in obj's order
+        layout = shadow.__dict__
+        interval = sys.getswitchinterval()
+        sys.setswitchinterval(1000.0)  # no thread switch until restored (a few us)
+        try:
+            if list(layout) == list(obj.__dict__):  # no attribute added meanwhile
+                layout.update(obj.__dict__)
+                obj.__class__ = cls
+                obj.__dict__ = layout
+                return
+        finally:
+            sys.setswitchinterval(interval)
+    except Exception:
+        pass
+    obj.__class__ = cls
 
 
 def _bind(pool: Pool, stats: PoolStats) -> None:
@@ -85,40 +190,58 @@ def _make_init(base: type[Pool], stats: PoolStats) -> Any:
     return __init__
 
 
+# The request-path functions below take what they use as default arguments (`_now=...`):
+# CPython hands those to the frame as plain locals, where closure variables are one object
+# each to reach through (and module globals a dictionary check), and cold caches make every
+# object touched per checkout count. They are never passed by SQLAlchemy.
+
+
 def _make_connect(base: type[Pool], stats: PoolStats) -> Any:
     base_connect = base.connect
+    if _same_code(base_connect, "connect"):  # Pool.connect: call what it calls, one call fewer
+        base_connect = base_connect.__globals__["_ConnectionFairy"]._checkout
+    waiting = stats.waiting  # PoolStats keeps its deques for life (`reset` empties them)
 
-    def connect(self: Pool) -> Any:
-        t0 = perf_counter_ns()
-        waiting = stats.waiting
-        waiting.append(None)  # deque append/pop are atomic: pending needs no lock
+    def connect(
+        self: Pool,
+        _now: Any = perf_counter_ns,
+        _checkout: Any = base_connect,
+        _enter: Any = waiting.append,
+        _leave: Any = waiting.pop,
+        _queue: Any = stats.wait_q,
+        _stats: PoolStats = stats,
+        _len: Any = len,
+    ) -> Any:
+        t0 = _now()
+        _enter(None)  # deque append/pop are atomic: pending needs no lock
         try:
-            fairy = base_connect(self)
+            fairy = _checkout(self)
         except PoolTimeoutError:
-            waiting.pop()
-            with stats.lock:
-                stats.timeouts += 1
-                stats.wait.observe(perf_counter_ns() - t0)
+            _leave()
+            _stats.timed_out(_now() - t0)
             raise
         except BaseException:
-            waiting.pop()
+            _leave()
             raise
-        t1 = perf_counter_ns()
-        waiting.pop()
+        t1 = _now()
+        _leave()
         try:
-            info = fairy.info
+            record = fairy._connection_record  # set on a fairy just checked out
+            try:
+                fresh = record._pgpressure_out is None
+            except AttributeError:  # the record's first checkout
+                fresh = True
             # SingletonThreadPool hands out the same fairy again to a nested checkout: the
             # hold time runs from the outer checkout, which alone is returned.
-            fresh = _T_OUT not in info
             if fresh:
-                info[_T_OUT] = t1
+                record._pgpressure_out = t1
+                _queue.append(t1 - t0)  # drained: a checkout, a wait, one more connection used
+                if _len(_queue) > DRAIN_AT:
+                    _stats.drain()
+                return fairy
         except Exception:
-            fresh = False
-        with stats.lock:
-            stats.checkouts += 1
-            stats.wait.observe(t1 - t0)
-            if fresh:
-                stats.used += 1
+            pass
+        _stats.checked_out_again(t1 - t0)
         return fairy
 
     return connect
@@ -130,43 +253,78 @@ def _make_return(base: type[Pool], stats: PoolStats) -> Any:
     `fairy.detach()`, which bypasses `_return_conn`; the record is not available to another
     checkout before it. Overriding it measured cheaper than listening to the checkin event
     (bench/bench_instrument.py: a no-op checkin listener alone added 2-4 us of CPU per
-    checkout on psycopg), and the subclass is there anyway."""
+    checkout on psycopg), and the subclass is there anyway. It marks nothing for the close
+    that a full QueuePool does inside it: `_close_reason` finds this frame on the stack."""
     base_return = base._do_return_conn
-    queue = issubclass(base, QueuePool)
 
-    def _do_return_conn(self: Pool, record: Any) -> None:
-        try:
-            info = record.info
-            t0 = info.pop(_T_OUT, None)
-            if t0 is not None and t0 >= stats.born:  # else checked out before a fork
-                elapsed = perf_counter_ns() - t0
-                with stats.lock:
-                    if stats.used > 0:
-                        stats.used -= 1
-                    stats.use.observe(elapsed)
-        except Exception:
-            info = None
-        if not queue or info is None:
-            base_return(self, record)
-            return
-        # A QueuePool closes a returned connection only when the queue is full: overflow.
-        info[_RETURNING] = True
-        try:
-            base_return(self, record)
-        finally:
-            info.pop(_RETURNING, None)
+    def ended(record: Any, now: Any, queue: Any, stats: PoolStats) -> None:
+        """The hold time (only on the rare paths: the common one is inlined below)."""
+        t0 = getattr(record, _T_OUT, None)
+        record._pgpressure_out = None
+        if t0 is not None and t0 >= stats.born:  # else checked out before a fork
+            queue.append(now() - t0)
+            if len(queue) > DRAIN_AT:
+                stats.drain()
 
+    if _same_code(base_return, "queue_return"):  # QueuePool's: its body here, one call fewer
+
+        def _do_return_conn(
+            self: Pool,
+            record: Any,
+            _now: Any = perf_counter_ns,
+            _queue: Any = stats.use_q,
+            _stats: PoolStats = stats,
+            _full: Any = base_return.__globals__["sqla_queue"].Full,
+            _len: Any = len,
+        ) -> None:
+            try:
+                t0 = record._pgpressure_out
+                if t0 is not None:
+                    record._pgpressure_out = None
+                    if t0 >= _stats.born:  # else checked out before a fork
+                        _queue.append(_now() - t0)  # drained: a hold time, one fewer used
+                        if _len(_queue) > DRAIN_AT:
+                            _stats.drain()
+            except Exception:  # a record checked out before instrument(), say
+                pass
+            try:
+                self._pool.put(record, False)  # type: ignore[attr-defined]
+            except _full:
+                try:
+                    record.close()  # the queue is full: overflow
+                finally:
+                    self._dec_overflow()  # type: ignore[attr-defined]
+
+    else:
+
+        def _do_return_conn(  # type: ignore[misc]
+            self: Pool,
+            record: Any,
+            _now: Any = perf_counter_ns,
+            _queue: Any = stats.use_q,
+            _stats: PoolStats = stats,
+        ) -> None:
+            with contextlib.suppress(Exception):
+                ended(record, _now, _queue, _stats)
+            base_return(self, record)
+
+    _RETURN_CODES.add(_do_return_conn.__code__)  # one code object per branch, for all pools
     return _do_return_conn
 
 
 def _listen(pool: Pool, stats: PoolStats) -> None:
     def on_connect(dbapi_connection: Any, record: Any) -> None:
+        with contextlib.suppress(Exception):
+            # A record reconnects after an invalidation: its next close is not one (as the
+            # mark in `record.info`, which SQLAlchemy clears on reconnect, used to be).
+            if getattr(record, _INVALIDATED, False):
+                record._pgpressure_invalidated = False
         with stats.lock:
             stats.opened += 1
 
     def on_invalidate(dbapi_connection: Any, record: Any, exc: Any) -> None:
         with contextlib.suppress(Exception):
-            record.info[_INVALIDATED] = True
+            record._pgpressure_invalidated = True
 
     def on_close(dbapi_connection: Any, record: Any) -> None:
         try:
@@ -190,10 +348,9 @@ def _listen(pool: Pool, stats: PoolStats) -> None:
 
 def _close_reason(record: Any, stats: PoolStats) -> str:
     """Why a connection is being closed, from the same facts the pool itself looks at."""
-    info = record.info
-    if info.get(_RETURNING):
+    if _closed_on_return_to_a_full_queue(record):
         return "overflow"
-    if info.get(_INVALIDATED):
+    if getattr(record, _INVALIDATED, False):
         return "invalidated"
     pool = stats.pool_ref() if stats.pool_ref is not None else None
     started = getattr(record, "starttime", 0) or 0
@@ -208,35 +365,172 @@ def _close_reason(record: Any, stats: PoolStats) -> str:
     return "other"
 
 
+def _closed_on_return_to_a_full_queue(record: Any) -> bool:
+    """Whether this close happens inside our `_do_return_conn` for this very record on a
+    QueuePool, which closes a returned connection only when its queue is full: overflow.
+
+    Read off this thread's call stack, on the rare close, rather than marked in the record
+    on every checkin (a dict store and a try/finally pop measured at 0.1-0.2 us per checkout
+    in bench/bench_instrument.py). The stack is the thread's own, so another thread's checkin
+    or checkout of the record cannot blur it, as it could a mark on the shared record.
+    """
+    getframe = getattr(sys, "_getframe", None)
+    if getframe is None:  # not CPython or PyPy: no overflow classification
+        return False
+    frame = getframe(1)
+    for _ in range(_STACK_DEPTH):
+        if frame is None:
+            return False
+        if frame.f_code in _RETURN_CODES:
+            local = frame.f_locals
+            if local.get("record") is record:
+                return isinstance(local.get("self"), QueuePool)
+        frame = frame.f_back
+    return False
+
+
 def time_statements(engine: Any, stats: PoolStats) -> None:
     """Statement time around the dialect's execute calls.
 
     The cursor execute events would do, but any engine-level listener switches SQLAlchemy to
     its event path for every connection and statement, which cost more than the rest of the
-    instrumentation together in bench/bench_instrument.py. Wrapping `do_execute`,
-    `do_execute_no_params` and `do_executemany` on this engine's dialect instance times the
-    same `cursor.execute()` call without that. Failed statements are timed too.
+    instrumentation together in bench/bench_instrument.py. Overriding `do_execute`,
+    `do_execute_no_params` and `do_executemany` in a subclass that this engine's dialect is
+    switched to (`_adopt`) times the same `cursor.execute()` call without that. (Attributes
+    set on the dialect instance did it too, but an instance attribute in place of a method
+    keeps CPython from specialising every `dialect.<method>()` call SQLAlchemy makes.)
+    Failed statements are timed too.
     """
     dialect = engine.dialect
-    if getattr(dialect, "_pgpressure_stats", None) is not None:
+    base = type(dialect)
+    if getattr(base, "_pgpressure_stats", None) is not None:
         return
-    dialect._pgpressure_stats = stats
+    namespace: dict[str, Any] = {"_pgpressure_stats": stats, "__module__": __name__}
+    # SQLAlchemy reads this one from the dialect's own class dict, not through inheritance:
+    # without it a subclass gets no compiled statement cache (and a warning).
+    if "supports_statement_cache" in vars(base):
+        namespace["supports_statement_cache"] = vars(base)["supports_statement_cache"]
     for name in ("do_execute", "do_execute_no_params", "do_executemany"):
-        original = getattr(dialect, name, None)
-        if original is not None:
-            setattr(dialect, name, _timed(original, stats))
+        method = getattr(base, name, None)
+        if method is not None:
+            namespace[name] = _timed(name, method, stats)
+    _adopt(dialect, type(f"Instrumented{base.__name__}", (base,), namespace))
 
 
-def _timed(original: Any, stats: PoolStats) -> Any:
-    def timed(*args: Any, **kwargs: Any) -> Any:
-        t0 = perf_counter_ns()
-        try:
-            return original(*args, **kwargs)
-        finally:
-            elapsed = perf_counter_ns() - t0
-            with stats.lock:
-                stats.query.observe(elapsed)
+# The parameters of SQLAlchemy's own do_execute / do_executemany and do_execute_no_params.
+_WITH_PARAMS = ("self", "cursor", "statement", "parameters", "context")
+_NO_PARAMS = ("self", "cursor", "statement", "context")
 
+
+def _params(function: Any) -> tuple[str, ...] | None:
+    try:
+        sig = inspect.signature(function)
+    except (TypeError, ValueError):
+        return None
+    if any(p.kind is not p.POSITIONAL_OR_KEYWORD for p in sig.parameters.values()):
+        return None
+    return tuple(sig.parameters)
+
+
+def _timed(name: str, method: Any, stats: PoolStats) -> Any:
+    """The dialect's `method` (a function of its class), timed. With SQLAlchemy's parameters
+    when it has them (packing `*args, **kwargs` measured 60 ns per statement here), and with
+    SQLAlchemy's default body inlined when it is exactly that (the cursor call itself, one
+    call fewer). Statement times are queued without a lock: PoolStats.drain folds them in."""
+    params = _params(method)
+    queue = stats.query_q
+
+    if name == "do_execute" and _same_code(method, name):
+
+        def timed(
+            self: Any,
+            cursor: Any,
+            statement: Any,
+            parameters: Any,
+            context: Any = None,
+            _now: Any = perf_counter_ns,
+            _queue: Any = queue,
+            _stats: PoolStats = stats,
+            _len: Any = len,
+        ) -> None:
+            t0 = _now()
+            try:
+                cursor.execute(statement, parameters)
+            finally:
+                _queue.append(_now() - t0)
+                if _len(_queue) > DRAIN_AT:
+                    _stats.drain()
+
+    elif name == "do_execute_no_params" and _same_code(method, name):
+
+        def timed(  # type: ignore[misc]
+            self: Any,
+            cursor: Any,
+            statement: Any,
+            context: Any = None,
+            _now: Any = perf_counter_ns,
+            _queue: Any = queue,
+            _stats: PoolStats = stats,
+        ) -> None:
+            t0 = _now()
+            try:
+                cursor.execute(statement)
+            finally:
+                _queue.append(_now() - t0)
+                if len(_queue) > DRAIN_AT:
+                    _stats.drain()
+
+    elif params == _WITH_PARAMS:  # do_executemany, or an override with the same parameters
+
+        def timed(  # type: ignore[misc]
+            self: Any,
+            cursor: Any,
+            statement: Any,
+            parameters: Any,
+            context: Any = None,
+            _now: Any = perf_counter_ns,
+            _queue: Any = queue,
+            _stats: PoolStats = stats,
+        ) -> Any:
+            t0 = _now()
+            try:
+                return method(self, cursor, statement, parameters, context)
+            finally:
+                _queue.append(_now() - t0)
+                if len(_queue) > DRAIN_AT:
+                    _stats.drain()
+
+    elif params == _NO_PARAMS:
+
+        def timed(  # type: ignore[misc]
+            self: Any,
+            cursor: Any,
+            statement: Any,
+            context: Any = None,
+            _now: Any = perf_counter_ns,
+            _queue: Any = queue,
+            _stats: PoolStats = stats,
+        ) -> Any:
+            t0 = _now()
+            try:
+                return method(self, cursor, statement, context)
+            finally:
+                _queue.append(_now() - t0)
+                if len(_queue) > DRAIN_AT:
+                    _stats.drain()
+
+    else:
+
+        def timed(self: Any, *args: Any, **kwargs: Any) -> Any:  # type: ignore[misc]
+            t0 = perf_counter_ns()
+            try:
+                return method(self, *args, **kwargs)
+            finally:
+                queue.append(perf_counter_ns() - t0)
+                if len(queue) > DRAIN_AT:
+                    stats.drain()
+
+    timed.__name__ = timed.__qualname__ = name
     return timed
 
 

@@ -2,7 +2,16 @@
 
 Everything is cumulative and fixed-size, so memory does not grow with traffic or with how
 long the daemon has been unreachable: a push that fails is simply superseded by the next.
-One lock per pool guards the numbers; the request path holds it for a few additions only.
+
+The request path takes no lock. A checkout, a checkin and a statement each append one integer
+to a deque (`deque.append` is thread-safe and atomic, documented as such, with or without the
+GIL), and whoever reads the numbers folds what is queued into the counters and histograms under
+the pool's lock (`PoolStats.drain`): the report, or the request path itself once a queue holds
+`DRAIN_AT` values, which bounds the memory. Every value is folded exactly once (only the lock
+holder pops, and it pops only what was there when it looked), so the counts stay exact under
+threads; folding a batch sorts it once and bisects it once per bucket bound, cheaper per value
+than a bisect per observation. bench/bench_instrument.py measured the lock, the method call
+and the bisect of one observation at 0.5 us on this 2-core machine, three times per checkout.
 
 Times are integer nanoseconds (`perf_counter_ns`) and histogram sums are kept as integers, so
 adding up engines, retired engines and processes in any order gives the same total: a float
@@ -14,8 +23,9 @@ from __future__ import annotations
 
 import threading
 import weakref
-from bisect import bisect_left
+from bisect import bisect_left, bisect_right
 from collections import deque
+from itertools import repeat, starmap
 from time import perf_counter_ns
 from typing import Any
 
@@ -23,6 +33,10 @@ from pgpressure_sqlalchemy.wire import BOUNDS, CLOSE_REASONS, HISTOGRAMS, NBUCKE
 
 NS = 1_000_000_000
 BOUNDS_NS: tuple[int, ...] = tuple(round(b * NS) for b in BOUNDS)
+#: The request path folds the queues in itself when one holds more than this many values (a few
+#: hundred us once per thousand checkouts), so neither a long push interval nor a stalled
+#: reporter grows memory, and the garbage collector's walks over the deques stay short.
+DRAIN_AT = 1024
 
 
 class Histogram:
@@ -38,6 +52,28 @@ class Histogram:
         self.counts[bisect_left(BOUNDS_NS, ns)] += 1
         self.sum_ns += ns
 
+    def observe_many(self, values: list[int]) -> None:
+        """Many observations at once (sorts `values` in place): the same buckets as `observe`
+        for each, with one sort and one bisect per bound instead of one bisect per value."""
+        if not values:
+            return
+        n = len(values)
+        counts = self.counts
+        self.sum_ns += sum(values)
+        first = bisect_left(BOUNDS_NS, min(values))
+        if first == bisect_left(BOUNDS_NS, max(values)):  # one bucket: the usual wait times
+            counts[first] += n
+            return
+        values.sort()
+        below = 0  # values <= the previous bound (none below bucket `first`)
+        for i in range(first, len(BOUNDS_NS)):
+            upto = bisect_right(values, BOUNDS_NS[i], below)  # values <= bound: le semantics
+            counts[i] += upto - below
+            below = upto
+            if below == n:
+                return
+        counts[-1] += n - below
+
     def add(self, other: Histogram) -> None:
         for i, c in enumerate(other.counts):
             self.counts[i] += c
@@ -48,27 +84,45 @@ class Histogram:
         return {"counts": list(self.counts), "sum_ns": self.sum_ns}
 
 
+def _take(queue: deque[int]) -> list[int]:
+    """Pop exactly the values queued now, oldest first; values appended meanwhile stay. The
+    caller holds the pool's lock, so nobody else pops: `popleft` cannot find the deque empty."""
+    return list(starmap(queue.popleft, repeat((), len(queue))))
+
+
 class PoolStats:
     """What one instrumented engine's pool has done in this process.
 
     `pool_ref` points at the engine's current pool (it changes on `engine.dispose()`); the
     gauges of a QueuePool are read from it at report time rather than tracked on every event.
+
+    The request path (pool.py) appends to `wait_q` (the wait of a first checkout of a
+    connection), `use_q` (a hold time, when it ends) and `query_q` (a statement time) without
+    the lock; `drain` folds them in. The rare cases (a pool timeout, a nested checkout, a new
+    connection, a close) take the lock and update the numbers directly.
     """
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.pool_ref: weakref.ref[Any] | None = None
         self.kind = "none"
+        # The same deques for the life of the object: the request path keeps their bound
+        # `append` methods, so `reset` empties them rather than replacing them.
+        self.waiting: deque[None] = deque()  # one entry per caller inside connect()
+        self.wait_q: deque[int] = deque()
+        self.use_q: deque[int] = deque()
+        self.query_q: deque[int] = deque()
         self.reset()
 
     def reset(self) -> None:
         """Zero everything: used in a forked child, which is a new process with its own totals.
         A connection checked out before `born` (in the parent, before the fork) is not this
         process's: returning it changes neither `used` nor the hold times."""
-        self.lock = threading.Lock()
+        self.lock = threading.Lock()  # the parent's may have been held by another thread
         self.born = perf_counter_ns()
-        self.waiting: deque[None] = deque()  # one entry per caller inside connect()
-        self.used = 0
+        for queue in (self.waiting, self.wait_q, self.use_q, self.query_q):
+            queue.clear()
+        self.used = 0  # connections out, as of the last drain
         self.opened = 0
         self.closed_count = 0
         self.checkouts = 0
@@ -79,8 +133,47 @@ class PoolStats:
         self.create = Histogram()
         self.query = Histogram()
 
+    def _drain_locked(self) -> None:
+        """Fold the queued observations in; the caller holds `self.lock`.
+
+        Hold times before waits: a checkout's wait is queued before its hold time can be, so
+        every hold time folded here has its checkout folded too and `used` (first checkouts
+        minus ended ones) never dips below zero in between."""
+        use = _take(self.use_q)
+        wait = _take(self.wait_q)
+        query = _take(self.query_q)
+        self.used += len(wait) - len(use)
+        self.checkouts += len(wait)
+        self.use.observe_many(use)
+        self.wait.observe_many(wait)
+        self.query.observe_many(query)
+
+    def drain(self) -> None:
+        """Fold the queued observations in (the request path calls this when a queue is long:
+        it must never raise into the app)."""
+        try:
+            with self.lock:
+                self._drain_locked()
+        except Exception:  # pragma: no cover - sorting and adding integers
+            pass
+
+    def timed_out(self, waited_ns: int) -> None:
+        """A checkout that gave up with the pool's TimeoutError: a wait, not a checkout."""
+        with self.lock:
+            self.timeouts += 1
+            self.wait.observe(waited_ns)
+
+    def checked_out_again(self, waited_ns: int) -> None:
+        """A checkout of a connection that is already out (SingletonThreadPool's nested
+        checkout): a checkout and a wait, but not one more connection in use."""
+        with self.lock:
+            self.checkouts += 1
+            self.wait.observe(waited_ns)
+
     def add_counters(self, other: PoolStats) -> None:
-        """Fold another engine's totals in (a garbage-collected engine's last numbers)."""
+        """Fold another engine's totals in (a garbage-collected engine's last numbers). The
+        caller holds `other.lock` (the reporter does), so what `other` has queued is folded."""
+        other._drain_locked()
         self.checkouts += other.checkouts
         self.timeouts += other.timeouts
         for reason, n in other.closed.items():
@@ -136,6 +229,7 @@ class PoolStats:
     def raw_snapshot(self, name: str) -> dict[str, Any]:
         """The same with the histogram sums still in integer nanoseconds (`sum_ns`)."""
         with self.lock:
+            self._drain_locked()
             doc: dict[str, Any] = {
                 "pool": name,
                 "checkouts": self.checkouts,
