@@ -256,9 +256,48 @@ def _make_return(base: type[Pool], stats: PoolStats) -> Any:
     checkout on psycopg), and the subclass is there anyway. It marks nothing for the close
     that a full QueuePool does inside it: `_close_reason` finds this frame on the stack."""
     base_return = base._do_return_conn
+    if _same_code(base_return, "queue_return"):  # QueuePool's: its body inlined, one call fewer
+        do_return = _inlined_queue_return(base_return, stats)
+    else:
+        do_return = _wrapped_return(base_return, stats)
+    _RETURN_CODES.add(do_return.__code__)  # one code object per branch, for all pools
+    return do_return
 
+
+def _inlined_queue_return(base_return: Any, stats: PoolStats) -> Any:
+    def _do_return_conn(
+        self: Pool,
+        record: Any,
+        _now: Any = perf_counter_ns,
+        _queue: Any = stats.use_q,
+        _stats: PoolStats = stats,
+        _full: Any = base_return.__globals__["sqla_queue"].Full,
+        _len: Any = len,
+    ) -> None:
+        try:
+            t0 = record._pgpressure_out
+            if t0 is not None:
+                record._pgpressure_out = None
+                if t0 >= _stats.born:  # else checked out before a fork
+                    _queue.append(_now() - t0)  # drained: a hold time, one fewer used
+                    if _len(_queue) > DRAIN_AT:
+                        _stats.drain()
+        except Exception:  # a record checked out before instrument(), say
+            pass
+        try:
+            self._pool.put(record, False)  # type: ignore[attr-defined]
+        except _full:
+            try:
+                record.close()  # the queue is full: overflow
+            finally:
+                self._dec_overflow()  # type: ignore[attr-defined]
+
+    return _do_return_conn
+
+
+def _wrapped_return(base_return: Any, stats: PoolStats) -> Any:
     def ended(record: Any, now: Any, queue: Any, stats: PoolStats) -> None:
-        """The hold time (only on the rare paths: the common one is inlined below)."""
+        """The hold time (only on the rare paths: QueuePool's is inlined above)."""
         t0 = getattr(record, _T_OUT, None)
         record._pgpressure_out = None
         if t0 is not None and t0 >= stats.born:  # else checked out before a fork
@@ -266,49 +305,17 @@ def _make_return(base: type[Pool], stats: PoolStats) -> Any:
             if len(queue) > DRAIN_AT:
                 stats.drain()
 
-    if _same_code(base_return, "queue_return"):  # QueuePool's: its body here, one call fewer
+    def _do_return_conn(
+        self: Pool,
+        record: Any,
+        _now: Any = perf_counter_ns,
+        _queue: Any = stats.use_q,
+        _stats: PoolStats = stats,
+    ) -> None:
+        with contextlib.suppress(Exception):
+            ended(record, _now, _queue, _stats)
+        base_return(self, record)
 
-        def _do_return_conn(
-            self: Pool,
-            record: Any,
-            _now: Any = perf_counter_ns,
-            _queue: Any = stats.use_q,
-            _stats: PoolStats = stats,
-            _full: Any = base_return.__globals__["sqla_queue"].Full,
-            _len: Any = len,
-        ) -> None:
-            try:
-                t0 = record._pgpressure_out
-                if t0 is not None:
-                    record._pgpressure_out = None
-                    if t0 >= _stats.born:  # else checked out before a fork
-                        _queue.append(_now() - t0)  # drained: a hold time, one fewer used
-                        if _len(_queue) > DRAIN_AT:
-                            _stats.drain()
-            except Exception:  # a record checked out before instrument(), say
-                pass
-            try:
-                self._pool.put(record, False)  # type: ignore[attr-defined]
-            except _full:
-                try:
-                    record.close()  # the queue is full: overflow
-                finally:
-                    self._dec_overflow()  # type: ignore[attr-defined]
-
-    else:
-
-        def _do_return_conn(  # type: ignore[misc]
-            self: Pool,
-            record: Any,
-            _now: Any = perf_counter_ns,
-            _queue: Any = stats.use_q,
-            _stats: PoolStats = stats,
-        ) -> None:
-            with contextlib.suppress(Exception):
-                ended(record, _now, _queue, _stats)
-            base_return(self, record)
-
-    _RETURN_CODES.add(_do_return_conn.__code__)  # one code object per branch, for all pools
     return _do_return_conn
 
 
@@ -438,99 +445,119 @@ def _timed(name: str, method: Any, stats: PoolStats) -> Any:
     SQLAlchemy's default body inlined when it is exactly that (the cursor call itself, one
     call fewer). Statement times are queued without a lock: PoolStats.drain folds them in."""
     params = _params(method)
+    if name == "do_execute" and _same_code(method, name):
+        timed = _inlined_execute(stats)
+    elif name == "do_execute_no_params" and _same_code(method, name):
+        timed = _inlined_execute_no_params(stats)
+    elif params == _WITH_PARAMS:  # do_executemany, or an override with the same parameters
+        timed = _wrapped_with_params(method, stats)
+    elif params == _NO_PARAMS:
+        timed = _wrapped_no_params(method, stats)
+    else:
+        timed = _wrapped_any(method, stats)
+    timed.__name__ = timed.__qualname__ = name
+    return timed
+
+
+def _inlined_execute(stats: PoolStats) -> Any:
+    def timed(
+        self: Any,
+        cursor: Any,
+        statement: Any,
+        parameters: Any,
+        context: Any = None,
+        _now: Any = perf_counter_ns,
+        _queue: Any = stats.query_q,
+        _stats: PoolStats = stats,
+        _len: Any = len,
+    ) -> None:
+        t0 = _now()
+        try:
+            cursor.execute(statement, parameters)
+        finally:
+            _queue.append(_now() - t0)
+            if _len(_queue) > DRAIN_AT:
+                _stats.drain()
+
+    return timed
+
+
+def _inlined_execute_no_params(stats: PoolStats) -> Any:
+    def timed(
+        self: Any,
+        cursor: Any,
+        statement: Any,
+        context: Any = None,
+        _now: Any = perf_counter_ns,
+        _queue: Any = stats.query_q,
+        _stats: PoolStats = stats,
+    ) -> None:
+        t0 = _now()
+        try:
+            cursor.execute(statement)
+        finally:
+            _queue.append(_now() - t0)
+            if len(_queue) > DRAIN_AT:
+                _stats.drain()
+
+    return timed
+
+
+def _wrapped_with_params(method: Any, stats: PoolStats) -> Any:
+    def timed(
+        self: Any,
+        cursor: Any,
+        statement: Any,
+        parameters: Any,
+        context: Any = None,
+        _now: Any = perf_counter_ns,
+        _queue: Any = stats.query_q,
+        _stats: PoolStats = stats,
+    ) -> Any:
+        t0 = _now()
+        try:
+            return method(self, cursor, statement, parameters, context)
+        finally:
+            _queue.append(_now() - t0)
+            if len(_queue) > DRAIN_AT:
+                _stats.drain()
+
+    return timed
+
+
+def _wrapped_no_params(method: Any, stats: PoolStats) -> Any:
+    def timed(
+        self: Any,
+        cursor: Any,
+        statement: Any,
+        context: Any = None,
+        _now: Any = perf_counter_ns,
+        _queue: Any = stats.query_q,
+        _stats: PoolStats = stats,
+    ) -> Any:
+        t0 = _now()
+        try:
+            return method(self, cursor, statement, context)
+        finally:
+            _queue.append(_now() - t0)
+            if len(_queue) > DRAIN_AT:
+                _stats.drain()
+
+    return timed
+
+
+def _wrapped_any(method: Any, stats: PoolStats) -> Any:
     queue = stats.query_q
 
-    if name == "do_execute" and _same_code(method, name):
+    def timed(self: Any, *args: Any, **kwargs: Any) -> Any:
+        t0 = perf_counter_ns()
+        try:
+            return method(self, *args, **kwargs)
+        finally:
+            queue.append(perf_counter_ns() - t0)
+            if len(queue) > DRAIN_AT:
+                stats.drain()
 
-        def timed(
-            self: Any,
-            cursor: Any,
-            statement: Any,
-            parameters: Any,
-            context: Any = None,
-            _now: Any = perf_counter_ns,
-            _queue: Any = queue,
-            _stats: PoolStats = stats,
-            _len: Any = len,
-        ) -> None:
-            t0 = _now()
-            try:
-                cursor.execute(statement, parameters)
-            finally:
-                _queue.append(_now() - t0)
-                if _len(_queue) > DRAIN_AT:
-                    _stats.drain()
-
-    elif name == "do_execute_no_params" and _same_code(method, name):
-
-        def timed(  # type: ignore[misc]
-            self: Any,
-            cursor: Any,
-            statement: Any,
-            context: Any = None,
-            _now: Any = perf_counter_ns,
-            _queue: Any = queue,
-            _stats: PoolStats = stats,
-        ) -> None:
-            t0 = _now()
-            try:
-                cursor.execute(statement)
-            finally:
-                _queue.append(_now() - t0)
-                if len(_queue) > DRAIN_AT:
-                    _stats.drain()
-
-    elif params == _WITH_PARAMS:  # do_executemany, or an override with the same parameters
-
-        def timed(  # type: ignore[misc]
-            self: Any,
-            cursor: Any,
-            statement: Any,
-            parameters: Any,
-            context: Any = None,
-            _now: Any = perf_counter_ns,
-            _queue: Any = queue,
-            _stats: PoolStats = stats,
-        ) -> Any:
-            t0 = _now()
-            try:
-                return method(self, cursor, statement, parameters, context)
-            finally:
-                _queue.append(_now() - t0)
-                if len(_queue) > DRAIN_AT:
-                    _stats.drain()
-
-    elif params == _NO_PARAMS:
-
-        def timed(  # type: ignore[misc]
-            self: Any,
-            cursor: Any,
-            statement: Any,
-            context: Any = None,
-            _now: Any = perf_counter_ns,
-            _queue: Any = queue,
-            _stats: PoolStats = stats,
-        ) -> Any:
-            t0 = _now()
-            try:
-                return method(self, cursor, statement, context)
-            finally:
-                _queue.append(_now() - t0)
-                if len(_queue) > DRAIN_AT:
-                    _stats.drain()
-
-    else:
-
-        def timed(self: Any, *args: Any, **kwargs: Any) -> Any:  # type: ignore[misc]
-            t0 = perf_counter_ns()
-            try:
-                return method(self, *args, **kwargs)
-            finally:
-                queue.append(perf_counter_ns() - t0)
-                if len(queue) > DRAIN_AT:
-                    stats.drain()
-
-    timed.__name__ = timed.__qualname__ = name
     return timed
 
 
