@@ -1,3 +1,3 @@
 """pgpressure: a Prometheus exporter for SQLAlchemy pools, PostgreSQL load and RDS Proxy."""
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"

@@ -214,13 +214,17 @@ class Daemon:
         for proxy in logs.values():
             for fp_id, n in proxy["pins_by_fingerprint"].items():
                 pins[fp_id] = pins.get(fp_id, 0.0) + n
+        apps = report.app_warnings(
+            self.ingest.aggregator.proxy_warnings() if self.ingest is not None else []
+        )
         return {
             "targets": offenders,
             "proxies": {
                 name: {"statements": report.name_log_pins(proxy["statements"], offenders)}
                 for name, proxy in logs.items()
             },
-            "fingerprints": report.fingerprint_summary(offenders, pins),
+            "apps": apps,
+            "fingerprints": report.fingerprint_summary(offenders, pins, apps),
         }
 
     # -- lifecycle --------------------------------------------------------------------------

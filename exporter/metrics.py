@@ -125,6 +125,15 @@ POOL_TIMEOUTS = _spec(
     _POOL,
     producer="exporter.ingest.aggregator",
 )
+STATEMENTS_OVERSIZED = _spec(
+    "sqlalchemy_statements_oversized_total",
+    "counter",
+    "Statements whose text on the wire (parameters bound in, for psycopg2) was larger than "
+    "RDS Proxy's 16,384-byte limit: each pins its session behind the proxy. The pool's "
+    f"examples are in /api/v1/pinning-risk; {_PUSH}.",
+    _POOL,
+    producer="exporter.ingest.aggregator",
+)
 POOL_CONNECTIONS_CLOSED = _spec(
     "sqlalchemy_pool_connections_closed_total",
     "counter",

@@ -7,6 +7,7 @@ says that enhanced logging is off."""
 
 from __future__ import annotations
 
+import html
 import logging
 import math
 import time
@@ -34,6 +35,8 @@ from exporter.devtools.aws_emulator import (
     reset_moto,
 )
 from exporter.devtools.daemon_process import run_daemon
+from exporter.http import pinning_section
+from exporter.http.status import DaemonStatus, SourceStatus
 from exporter.pinning import fingerprints, report
 from exporter.pinning.risk import PinningRisk
 from tests.conftest import MONITOR_PASSWORD
@@ -486,6 +489,10 @@ async def test_a_pinning_proxy_with_a_quiet_log_group_says_logging_is_off(
     put_pinned(aws["cloudwatch"], clock.now, 3.0)
     silent, state = poll_state(list(await source.sample()))
     assert silent == 1.0 and state.startswith("silent: no pinning lines for 24 h")
+    # ... and the landing page's pinning section says so, for this proxy
+    status = SourceStatus("rds_proxy", "", True, 3, clock.now, "", source.status())
+    page = pinning_section.section({}, DaemonStatus((), (status,), None))
+    assert f'data-proxy="{PROXY}"' in page and "silent: no pinning lines for 24 h" in page
     warned = [r for r in caplog.records if "enhanced logging is probably off" in r.getMessage()]
     assert len(warned) == 1 and warned[0].fields["proxy"] == PROXY
 
@@ -541,6 +548,11 @@ aws:
 
     with run_daemon(config) as daemon:
         rows, summary = daemon.wait_for(reset_pins, timeout=30)
+        page = daemon.get("/").text
+    # the landing page shows the fingerprint with its fix, and the proxy's log state
+    row = page.split('data-fingerprint="asyncpg_reset_query"', 1)[1].split("</tr>", 1)[0]
+    assert APP in row and html.escape(fingerprints.ASYNCPG_RESET.fix) in row
+    assert f'data-proxy="{PROXY}"' in page
     named = {(r["target"], r["role"], r["datname"]) for r in rows[0]["statements"]}
     assert named == {("main", APP, db)}
     by_id = {fp["id"]: fp for fp in summary}

@@ -47,6 +47,7 @@ $lead
 $sections
 <h2>Applications</h2>
 <p>App processes reporting: <span id="processes">$processes</span>$apps_note</p>
+$pinning
 </body></html>
 """)
 TARGET = Template(
@@ -137,9 +138,9 @@ def _target(target: TargetStatus) -> Html:
     )
 
 
-def render(status: DaemonStatus, lead: Html | None = None) -> str:
+def render(status: DaemonStatus, lead: Html | None = None, pinning: Html | None = None) -> str:
     """The whole page for this status; `lead` (markup built and escaped by its author, the
-    diagnosis findings) comes before the targets."""
+    diagnosis findings) comes before the targets, `pinning` (likewise) at the end."""
     sections = [_target(t) for t in status.targets] or [Html(NO_TARGETS)]
     if status.daemon_wide:
         sections.append(_fill(DAEMON_WIDE, table=_table(status.daemon_wide)))
@@ -148,6 +149,7 @@ def render(status: DaemonStatus, lead: Html | None = None) -> str:
         PAGE,
         version=__version__,
         lead=lead or Html(""),
+        pinning=pinning or Html(""),
         sections=Html("".join(sections)),
         processes="-" if ingest_off else status.app_processes,
         apps_note=" (ingest disabled)" if ingest_off else "",

@@ -13,6 +13,7 @@ from exporter.diagnosis.web import document as findings_document
 from exporter.diagnosis.web import section as findings_section
 from exporter.http import landing
 from exporter.http.connlimit import headers_received
+from exporter.http.pinning_section import section as pinning_section
 from exporter.http.status import DaemonView
 from exporter.ingest import REPORTS_PATH, reports_handler
 
@@ -92,7 +93,9 @@ async def landing_page(request: web.Request) -> web.Response:
     diagnosis findings."""
     daemon = request.app[DAEMON]
     lead = landing.Html(findings_section(findings_document(daemon.diagnosis)))
-    page = landing.render(daemon.status(), lead)
+    status = daemon.status()
+    pinning = landing.Html(pinning_section(daemon.pinning_report(), status))
+    page = landing.render(status, lead, pinning)
     return web.Response(text=page, content_type="text/html")
 
 

@@ -29,8 +29,9 @@ from typing import TYPE_CHECKING, Any
 from exporter import metrics as m
 from exporter.ingest.budget import MemoryBudget
 from exporter.ingest.model import PoolReport, Report
+from exporter.ingest.proxy_warnings import ProxyWarnings
 from exporter.ingest.results import Refused
-from exporter.ingest.totals import PoolSnapshot, Totals, keep_sums, went_backwards
+from exporter.ingest.totals import Layout, PoolSnapshot, Totals, keep_sums, went_backwards
 from exporter.ingest.wire import BOUNDS, HISTOGRAMS
 from exporter.metrics import HistogramValue, Sample
 
@@ -70,6 +71,8 @@ class AppState:
     # departs or comes back can come out an ulp lower, and a counter must not go backwards.
     sum_floor: dict[tuple[str, str], float] = field(default_factory=dict)
     overflowed: set[tuple[str, str]] = field(default_factory=set)  # (pool, histogram) at +Inf
+    # pool -> statements over RDS Proxy's size limit and libpq options its processes named
+    proxy: dict[str, ProxyWarnings] = field(default_factory=dict)
 
 
 @dataclass
@@ -187,6 +190,8 @@ class IngestAggregator:
                 continue
             name = app.pools.setdefault(p.pool, p.pool)
             pools[name] = PoolSnapshot.of(p)
+            if p.oversized_examples or p.connect_options:
+                app.proxy.setdefault(name, ProxyWarnings()).add(p)
         return pools, refused
 
     def _arrive(self, key: Key, app: AppState, now: float) -> Process:
@@ -301,6 +306,29 @@ class IngestAggregator:
         """Live processes and apps, for the landing page."""
         return {"processes": len(self._processes), "apps": len(self._apps)}
 
+    def proxy_warnings(self) -> list[dict[str, object]]:
+        """Per (app, pool) with something to say: its statements over RDS Proxy's size limit
+        (the count since the daemon started, summed over processes, and a few examples) and
+        the libpq options its connections are opened with."""
+        out: list[dict[str, object]] = []
+        live = self._live_snapshots()
+        for app_name, app in self._apps.items():
+            for pool, warnings in app.proxy.items():
+                departed = app.departed.get(pool)
+                count = sum(p.values[Layout.OVERSIZED] for p in live.get((app_name, pool), ()))
+                count += departed.oversized if departed is not None else 0.0
+                out.append(
+                    {"app": app_name, "pool": pool, "oversized": count, **warnings.as_json()}
+                )
+        return out
+
+    def _live_snapshots(self) -> dict[tuple[str, str], list[PoolSnapshot]]:
+        live: dict[tuple[str, str], list[PoolSnapshot]] = {}
+        for proc in self._processes.values():
+            for name, p in proc.pools.items():
+                live.setdefault((proc.app, name), []).append(p)
+        return live
+
 
 def _totals(app: AppState, pool: str, reports: list[PoolSnapshot]) -> tuple[Totals, int]:
     """What departed processes counted plus the live processes' last reports, each histogram
@@ -348,6 +376,7 @@ def _pool_samples(app: str, pool: str, totals: Totals, reports: list[PoolSnapsho
     out = [
         Sample(m.POOL_CHECKOUTS, labels, totals.checkouts),
         Sample(m.POOL_TIMEOUTS, labels, totals.timeouts),
+        Sample(m.STATEMENTS_OVERSIZED, labels, totals.oversized),
     ]
     for reason, n in totals.closed().items():
         out.append(Sample(m.POOL_CONNECTIONS_CLOSED, (*labels, reason), n))

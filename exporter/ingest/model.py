@@ -17,10 +17,14 @@ from exporter.ingest.results import Refused
 from exporter.ingest.wire import (
     CLOSE_REASONS,
     HISTOGRAMS,
+    MAX_CONNECT_OPTIONS,
     MAX_NAME_LENGTH,
     MAX_POOLS_PER_REPORT,
+    MAX_SETTING_NAME,
+    MAX_STATEMENT_EXAMPLES,
     NBUCKETS,
     SCHEMA_VERSION,
+    STATEMENT_HEAD_CHARS,
 )
 
 Name = Annotated[
@@ -29,6 +33,9 @@ Name = Annotated[
 Count = Annotated[int, Field(ge=0, le=2**53)]
 Seconds = Annotated[float, Field(ge=0, allow_inf_nan=False)]
 CloseReason = Literal[CLOSE_REASONS]  # type: ignore[valid-type]
+SettingName = Annotated[
+    str, Field(min_length=1, max_length=MAX_SETTING_NAME, pattern=r"^[^\x00-\x20\x7f]+$")
+]
 
 
 class _Model(BaseModel):
@@ -46,6 +53,13 @@ class HistogramReport(_Model):
         return float(v) if isinstance(v, int) and not isinstance(v, bool) else v
 
 
+class StatementExample(_Model):
+    """A statement over RDS Proxy's size limit: the head of its template and its size."""
+
+    head: str = Field(max_length=STATEMENT_HEAD_CHARS, pattern=r"^[^\x00-\x1f\x7f]*$")
+    bytes: Count
+
+
 class PoolReport(_Model):
     pool: Name
     kind: str = Field("", max_length=64)
@@ -61,6 +75,10 @@ class PoolReport(_Model):
     use: HistogramReport
     create: HistogramReport
     query: HistogramReport
+    # What only the app sees of RDS Proxy's limits (clients before 0.3 omit them).
+    oversized: Count = 0
+    oversized_examples: list[StatementExample] = Field([], max_length=MAX_STATEMENT_EXAMPLES)
+    connect_options: list[SettingName] = Field([], max_length=MAX_CONNECT_OPTIONS)
 
     def histogram(self, name: str) -> HistogramReport:
         return getattr(self, name)

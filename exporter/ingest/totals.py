@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from exporter.ingest.model import PoolReport
 from exporter.ingest.wire import CLOSE_REASONS, HISTOGRAMS, NBUCKETS
 
-_HIST0 = 2 + len(CLOSE_REASONS)  # where the first histogram starts
+_HIST0 = 3 + len(CLOSE_REASONS)  # where the first histogram starts
 _SUMS = {h: _HIST0 + i * (NBUCKETS + 1) + NBUCKETS for i, h in enumerate(HISTOGRAMS)}
 
 
@@ -29,7 +29,8 @@ class Layout:
 
     CHECKOUTS = 0
     TIMEOUTS = 1
-    CLOSED = {reason: 2 + i for i, reason in enumerate(CLOSE_REASONS)}
+    OVERSIZED = 2  # statements over RDS Proxy's size limit
+    CLOSED = {reason: 3 + i for i, reason in enumerate(CLOSE_REASONS)}
     #: histogram -> index of its first bucket count; its sum follows the last bucket
     COUNTS = {h: i - NBUCKETS for h, i in _SUMS.items()}
     SUMS = _SUMS
@@ -58,6 +59,7 @@ class PoolSnapshot:
         values = _zeros()
         values[Layout.CHECKOUTS] = p.checkouts
         values[Layout.TIMEOUTS] = p.timeouts
+        values[Layout.OVERSIZED] = p.oversized
         for reason, n in p.closed.items():
             values[Layout.CLOSED[reason]] = n
         for h in HISTOGRAMS:
@@ -84,6 +86,10 @@ class Totals:
     @property
     def timeouts(self) -> float:
         return self.values[Layout.TIMEOUTS]
+
+    @property
+    def oversized(self) -> float:
+        return self.values[Layout.OVERSIZED]
 
     def closed(self) -> dict[str, float]:
         return {reason: self.values[i] for reason, i in Layout.CLOSED.items()}

@@ -281,6 +281,57 @@ SESSION_SET = Fingerprint(
     generic=True,
 )
 
+OVERSIZED_STATEMENT = Fingerprint(
+    id="statement_over_16kb",
+    title="a statement larger than 16,384 bytes on the wire",
+    reason=statements.STATEMENT_TOO_LARGE,
+    origin=(
+        "The application's own statements: long IN lists (SQLAlchemy's expanding `in_()` "
+        "renders one placeholder per element), wide SELECTs, bulk INSERTs (SQLAlchemy's "
+        "insertmanyvalues batches up to 1,000 rows into one statement). psycopg2 binds the "
+        "parameters into the text on the client, so a short template with large values is "
+        'over the limit too. The proxy logs "The connection ran a SQL query which exceeded '
+        'the 16384 byte limit." without the statement, and pg_stat_statements keeps it '
+        "normalized: only the in-app client (pgpressure-sqlalchemy, with statement timing "
+        "on) sees the text as sent, and names the template under `apps` in this report."
+    ),
+    fix=(
+        "Make the text smaller than 16 KB: pass a long list as one array parameter "
+        "(`col = ANY(:ids)`, PostgreSQL's `= ANY (array)`; with SQLAlchemy "
+        "`col == any_(bindparam('ids', type_=ARRAY(Integer)))`), or on psycopg 3 or asyncpg, "
+        "which send parameters apart from the text; select the columns the code uses; for "
+        "bulk INSERTs lower `insertmanyvalues_page_size` on create_engine()."
+    ),
+    docs=(
+        "https://docs.aws.amazon.com/AmazonRDS/latest/UserGuide/rds-proxy-pinning.html",
+        _PG_DOCS + "/functions-comparisons.html#FUNCTIONS-COMPARISONS-ANY-SOME",
+        "https://docs.sqlalchemy.org/en/20/core/sqlelement.html#sqlalchemy.sql.expression.any_",
+        "https://docs.sqlalchemy.org/en/20/core/connections.html#insertmanyvalues-page-size",
+    ),
+    log_reasons=("16384 byte limit",),
+)
+
+#: Not a pin: what the proxy does with a connection that carries libpq `options`. The in-app
+#: client reports the settings its engine's connections are opened with.
+LIBPQ_OPTIONS = Fingerprint(
+    id="libpq_options",
+    title="settings passed as libpq command-line options",
+    reason=statements.OTHER,
+    origin=(
+        "`connect_args={'options': '-c statement_timeout=5000'}`, `?options=...` in the URL "
+        "or `options=` in a DSN: psycopg2, psycopg 3 and libpq send them in the startup "
+        'packet. RDS Proxy refuses the connection: "Feature not supported: RDS Proxy '
+        "currently doesn't support command-line options.\""
+    ),
+    fix=(
+        "Set them on the role instead, where every session of the role gets them without the "
+        "connection asking: `ALTER ROLE app_user SET statement_timeout = '5s'` (PostgreSQL's "
+        "ALTER ROLE ... SET), or in the proxy's initialization query; a setting meant for one "
+        "transaction as `SET LOCAL` inside it."
+    ),
+    docs=(_PG_DOCS + "/sql-alterrole.html", _PROXY_INIT_QUERY),
+)
+
 #: Every entry, specific ones first.
 FINGERPRINTS: tuple[Fingerprint, ...] = (
     ASYNCPG_JIT,
@@ -292,6 +343,7 @@ FINGERPRINTS: tuple[Fingerprint, ...] = (
     CURSOR_WITH_HOLD,
     SESSION_ADVISORY_LOCK,
     SESSION_SET,
+    OVERSIZED_STATEMENT,
 )
 BY_ID = {fp.id: fp for fp in FINGERPRINTS}
 

@@ -5,7 +5,10 @@
   for the proxy's lowercased, `$n`-normalized Digest and pg_stat_statements' text), a log-side
   pin names its pinning-risk rows: target, role, database, queryid.
 - `fingerprint_summary`: the known driver fingerprints seen across the pinning-risk rows (and
-  the log-side pins), once each, with who runs them - the "which driver, and the fix" table.
+  the log-side pins and the apps' oversized statements), once each, with who runs them - the
+  "which driver, and the fix" table.
+- `app_warnings`: what the in-app clients saw that the database cannot (statements over the
+  proxy's size limit, libpq options the proxy refuses), each with its fix.
 
 Both take plain JSON-able data - `PinningRisk.top_offenders()` per target, and
 `LogTotals.statements()` per proxy - and return JSON-able data, so a handler passes them
@@ -49,11 +52,28 @@ def name_log_pins(log_statements: Iterable[dict], offenders: Rows) -> list[dict[
     return out
 
 
+def app_warnings(warnings: Iterable[dict]) -> list[dict[str, object]]:
+    """`IngestAggregator.proxy_warnings()`, each with the fingerprints that say what its
+    findings do behind RDS Proxy and how to change them."""
+    out = []
+    for item in warnings:
+        found = []
+        if item.get("oversized") or item.get("oversized_examples"):
+            found.append(fingerprints.OVERSIZED_STATEMENT.as_json())
+        if item.get("connect_options"):
+            found.append(fingerprints.LIBPQ_OPTIONS.as_json())
+        out.append({**item, "warnings": found})
+    return out
+
+
 def fingerprint_summary(
-    offenders: Rows, log_pins: Mapping[str, float] | None = None
+    offenders: Rows,
+    log_pins: Mapping[str, float] | None = None,
+    apps: Iterable[dict] = (),
 ) -> list[dict[str, object]]:
     """The fingerprints seen, in table order, each with its origin and fix, the roles that run
-    it, its calls in the pinning-risk report and its pins in the proxies' logs (`log_pins`:
+    it, its calls in the pinning-risk report (for oversized statements, those the apps
+    counted: `apps` is `app_warnings()`) and its pins in the proxies' logs (`log_pins`:
     `LogTotals.pins_by_fingerprint()`, summed over the proxies shown)."""
     seen: dict[str, dict] = {}
 
@@ -69,6 +89,9 @@ def fingerprint_summary(
                 found["calls"] += float(row.get("calls") or 0.0)
     for fp_id, pins in (log_pins or {}).items():
         entry(fp_id)["pins"] += pins
+    for item in apps:
+        if item.get("oversized"):
+            entry(fingerprints.OVERSIZED_STATEMENT.id)["calls"] += float(item["oversized"])
     order = [fp.id for fp in fingerprints.FINGERPRINTS]
     return [
         {**seen[fp_id], "roles": sorted(seen[fp_id]["roles"])} for fp_id in order if fp_id in seen

@@ -22,7 +22,8 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
-from pgpressure_sqlalchemy.pool import set_application_name, stats_of, time_statements, wrap_pool
+from pgpressure_sqlalchemy.dialect import instrument_dialect
+from pgpressure_sqlalchemy.pool import stats_of, wrap_pool
 from pgpressure_sqlalchemy.reporter import PUSH_TIMEOUT, REPORTER, Registration
 from pgpressure_sqlalchemy.stats import PoolStats
 from pgpressure_sqlalchemy.wire import MAX_NAME_LENGTH
@@ -179,10 +180,8 @@ def instrument(
 
         stats = PoolStats()
         wrap_pool(sync.pool, stats)
-        if statements:
-            time_statements(sync, stats)
-        if application_name:
-            set_application_name(sync, app if application_name is True else str(application_name))
+        tag = app if application_name is True else str(application_name or "") or None
+        instrument_dialect(sync, stats, statements, tag)
         handle = Instrumentation(app, pool_name, endpoint, interval, stats)
         _instrumented[sync] = handle
     REPORTER.add(Registration(weakref.ref(sync), stats, app, pool_name, endpoint, token, interval))

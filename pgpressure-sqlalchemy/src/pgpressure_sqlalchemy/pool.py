@@ -15,17 +15,13 @@ The request path (a checkout, a checkin, a statement) is what the application pa
 it takes no lock (it queues its numbers: see stats.py), marks nothing in shared state, and
 makes no Python call it can avoid: on this 2-core machine a Python-level call costs about
 0.3 us, the lock and the bisect of one observation 0.5 us (bench/bench_instrument.py,
-valgrind instruction counts per checkout). Where SQLAlchemy's method is exactly the body we
-know (`_same_code`), the wrapper does that work itself, with the objects that method's module
-refers to, instead of calling it; anything else (a subclass's override, another version's
-body) is called as it is.
+valgrind instruction counts per checkout). How the subclass is made and where it inlines
+SQLAlchemy's own bodies: subclass.py. Statement timing is the dialect's (dialect.py).
 """
 
 from __future__ import annotations
 
 import contextlib
-import dis
-import inspect
 import sys
 import time
 import weakref
@@ -37,6 +33,7 @@ from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.pool import Pool, QueuePool
 
 from pgpressure_sqlalchemy.stats import DRAIN_AT, PoolStats
+from pgpressure_sqlalchemy.subclass import adopt, same_code
 
 # Attributes of the connection record (`_ConnectionRecord`), not keys of its `info` dict: the
 # first use of `record.info` gives the record a dict of its own, and CPython then no longer
@@ -45,56 +42,6 @@ _T_OUT = "_pgpressure_out"  # perf_counter_ns() at checkout, None when not check
 _INVALIDATED = "_pgpressure_invalidated"
 _RETURN_CODES: set[Any] = set()  # code objects of the `_do_return_conn` overrides
 _STACK_DEPTH = 32  # frames searched from the close event up: the override is 6 or 7 up
-
-# SQLAlchemy's bodies (2.0 and 2.1) that the request path inlines when they are exactly these.
-_KNOWN = {
-    "connect": "def connect(self):\n    return _ConnectionFairy._checkout(self)\n",
-    "queue_return": (
-        "def _do_return_conn(self, record):\n"
-        "    try:\n"
-        "        self._pool.put(record, False)\n"
-        "    except sqla_queue.Full:\n"
-        "        try:\n"
-        "            record.close()\n"
-        "        finally:\n"
-        "            self._dec_overflow()\n"
-    ),
-    "do_execute": (
-        "def do_execute(self, cursor, statement, parameters, context=None):\n"
-        "    cursor.execute(statement, parameters)\n"
-    ),
-    "do_execute_no_params": (
-        "def do_execute_no_params(self, cursor, statement, context=None):\n"
-        "    cursor.execute(statement)\n"
-    ),
-    "do_executemany": (
-        "def do_executemany(self, cursor, statement, parameters, context=None):\n"
-        "    cursor.executemany(statement, parameters)\n"
-    ),
-}
-
-
-def _same_code(func: Any, known: str) -> bool:
-    """Whether `func` is the function `_KNOWN[known]`, instruction by instruction (names and
-    constants compared by value, so a docstring or annotations make no difference)."""
-    namespace: dict[str, Any] = {}
-    try:
-        exec(_KNOWN[known], namespace)  # our own constant source
-        reference = next(v for k, v in namespace.items() if k != "__builtins__")
-        code = getattr(func, "__code__", None)
-        if (
-            code is None
-            or code.co_varnames[: code.co_argcount]
-            != (reference.__code__.co_varnames[: reference.__code__.co_argcount])
-        ):
-            return False
-
-        def steps(f: Any) -> list[tuple[str, Any]]:
-            return [(i.opname, i.argval) for i in dis.get_instructions(f)]
-
-        return steps(func) == steps(reference)
-    except Exception:
-        return False
 
 
 def stats_of(pool: Pool) -> PoolStats | None:
@@ -115,48 +62,9 @@ def wrap_pool(pool: Pool, stats: PoolStats) -> None:
     }
     namespace["_do_return_conn"] = _make_return(base, stats)
     sub = type(f"Instrumented{base.__name__}", (base,), namespace)
-    _adopt(pool, sub)
+    adopt(pool, sub)
     _bind(pool, stats)
     _listen(pool, stats)
-
-
-def _adopt(obj: Any, cls: type) -> None:
-    """`obj.__class__ = cls` (a subclass of its class), giving `obj` an instance dict laid out
-    for `cls`, with the same attributes in the same order.
-
-    CPython 3.11 specialises a call like SQLAlchemy's `self.pool.connect()` or
-    `self.dialect.do_execute()` on the object's class and on its instance dict having that
-    class's shared key layout. After a bare `__class__` assignment the dict keeps the old
-    class's layout and every method call on the object (a handful per checkout and per
-    statement) misses and falls back to a lookup through the class hierarchy: valgrind
-    counted 5,000 more instructions and 100 more cache misses per checkout and statement.
-    A fresh, never initialised instance of `cls` lends its dict, with every key set in order,
-    and takes the object's values. The swap runs with thread switching held off (a GIL
-    build's switch interval), so no other thread writes the old dict meanwhile; where that
-    cannot be had, or anything is unexpected, it is the bare assignment, which only costs
-    speed."""
-    gil = getattr(sys, "_is_gil_enabled", lambda: True)()
-    try:
-        state = obj.__dict__
-        if not gil or type(state) is not dict:
-            raise TypeError("no layout to adopt")
-        shadow = object.__new__(cls)
-        for key in state:
-            setattr(shadow, key, None)  # the layout: cls's shared keys, in obj's order
-        layout = shadow.__dict__
-        interval = sys.getswitchinterval()
-        sys.setswitchinterval(1000.0)  # no thread switch until restored (a few us)
-        try:
-            if list(layout) == list(obj.__dict__):  # no attribute added meanwhile
-                layout.update(obj.__dict__)
-                obj.__class__ = cls
-                obj.__dict__ = layout
-                return
-        finally:
-            sys.setswitchinterval(interval)
-    except Exception:
-        pass
-    obj.__class__ = cls
 
 
 def _bind(pool: Pool, stats: PoolStats) -> None:
@@ -190,15 +98,12 @@ def _make_init(base: type[Pool], stats: PoolStats) -> Any:
     return __init__
 
 
-# The request-path functions below take what they use as default arguments (`_now=...`):
-# CPython hands those to the frame as plain locals, where closure variables are one object
-# each to reach through (and module globals a dictionary check), and cold caches make every
-# object touched per checkout count. They are never passed by SQLAlchemy.
+# The request-path functions below take what they use as default arguments: subclass.py says why.
 
 
 def _make_connect(base: type[Pool], stats: PoolStats) -> Any:
     base_connect = base.connect
-    if _same_code(base_connect, "connect"):  # Pool.connect: call what it calls, one call fewer
+    if same_code(base_connect, "connect"):  # Pool.connect: call what it calls, one call fewer
         base_connect = base_connect.__globals__["_ConnectionFairy"]._checkout
     waiting = stats.waiting  # PoolStats keeps its deques for life (`reset` empties them)
 
@@ -256,7 +161,7 @@ def _make_return(base: type[Pool], stats: PoolStats) -> Any:
     checkout on psycopg), and the subclass is there anyway. It marks nothing for the close
     that a full QueuePool does inside it: `_close_reason` finds this frame on the stack."""
     base_return = base._do_return_conn
-    if _same_code(base_return, "queue_return"):  # QueuePool's: its body inlined, one call fewer
+    if same_code(base_return, "queue_return"):  # QueuePool's: its body inlined, one call fewer
         do_return = _inlined_queue_return(base_return, stats)
     else:
         do_return = _wrapped_return(base_return, stats)
@@ -394,183 +299,3 @@ def _closed_on_return_to_a_full_queue(record: Any) -> bool:
                 return isinstance(local.get("self"), QueuePool)
         frame = frame.f_back
     return False
-
-
-def time_statements(engine: Any, stats: PoolStats) -> None:
-    """Statement time around the dialect's execute calls.
-
-    The cursor execute events would do, but any engine-level listener switches SQLAlchemy to
-    its event path for every connection and statement, which cost more than the rest of the
-    instrumentation together in bench/bench_instrument.py. Overriding `do_execute`,
-    `do_execute_no_params` and `do_executemany` in a subclass that this engine's dialect is
-    switched to (`_adopt`) times the same `cursor.execute()` call without that. (Attributes
-    set on the dialect instance did it too, but an instance attribute in place of a method
-    keeps CPython from specialising every `dialect.<method>()` call SQLAlchemy makes.)
-    Failed statements are timed too.
-    """
-    dialect = engine.dialect
-    base = type(dialect)
-    if getattr(base, "_pgpressure_stats", None) is not None:
-        return
-    namespace: dict[str, Any] = {"_pgpressure_stats": stats, "__module__": __name__}
-    # SQLAlchemy reads this one from the dialect's own class dict, not through inheritance:
-    # without it a subclass gets no compiled statement cache (and a warning).
-    if "supports_statement_cache" in vars(base):
-        namespace["supports_statement_cache"] = vars(base)["supports_statement_cache"]
-    for name in ("do_execute", "do_execute_no_params", "do_executemany"):
-        method = getattr(base, name, None)
-        if method is not None:
-            namespace[name] = _timed(name, method, stats)
-    _adopt(dialect, type(f"Instrumented{base.__name__}", (base,), namespace))
-
-
-# The parameters of SQLAlchemy's own do_execute / do_executemany and do_execute_no_params.
-_WITH_PARAMS = ("self", "cursor", "statement", "parameters", "context")
-_NO_PARAMS = ("self", "cursor", "statement", "context")
-
-
-def _params(function: Any) -> tuple[str, ...] | None:
-    try:
-        sig = inspect.signature(function)
-    except (TypeError, ValueError):
-        return None
-    if any(p.kind is not p.POSITIONAL_OR_KEYWORD for p in sig.parameters.values()):
-        return None
-    return tuple(sig.parameters)
-
-
-def _timed(name: str, method: Any, stats: PoolStats) -> Any:
-    """The dialect's `method` (a function of its class), timed. With SQLAlchemy's parameters
-    when it has them (packing `*args, **kwargs` measured 60 ns per statement here), and with
-    SQLAlchemy's default body inlined when it is exactly that (the cursor call itself, one
-    call fewer). Statement times are queued without a lock: PoolStats.drain folds them in."""
-    params = _params(method)
-    if name == "do_execute" and _same_code(method, name):
-        timed = _inlined_execute(stats)
-    elif name == "do_execute_no_params" and _same_code(method, name):
-        timed = _inlined_execute_no_params(stats)
-    elif params == _WITH_PARAMS:  # do_executemany, or an override with the same parameters
-        timed = _wrapped_with_params(method, stats)
-    elif params == _NO_PARAMS:
-        timed = _wrapped_no_params(method, stats)
-    else:
-        timed = _wrapped_any(method, stats)
-    timed.__name__ = timed.__qualname__ = name
-    return timed
-
-
-def _inlined_execute(stats: PoolStats) -> Any:
-    def timed(
-        self: Any,
-        cursor: Any,
-        statement: Any,
-        parameters: Any,
-        context: Any = None,
-        _now: Any = perf_counter_ns,
-        _queue: Any = stats.query_q,
-        _stats: PoolStats = stats,
-        _len: Any = len,
-    ) -> None:
-        t0 = _now()
-        try:
-            cursor.execute(statement, parameters)
-        finally:
-            _queue.append(_now() - t0)
-            if _len(_queue) > DRAIN_AT:
-                _stats.drain()
-
-    return timed
-
-
-def _inlined_execute_no_params(stats: PoolStats) -> Any:
-    def timed(
-        self: Any,
-        cursor: Any,
-        statement: Any,
-        context: Any = None,
-        _now: Any = perf_counter_ns,
-        _queue: Any = stats.query_q,
-        _stats: PoolStats = stats,
-    ) -> None:
-        t0 = _now()
-        try:
-            cursor.execute(statement)
-        finally:
-            _queue.append(_now() - t0)
-            if len(_queue) > DRAIN_AT:
-                _stats.drain()
-
-    return timed
-
-
-def _wrapped_with_params(method: Any, stats: PoolStats) -> Any:
-    def timed(
-        self: Any,
-        cursor: Any,
-        statement: Any,
-        parameters: Any,
-        context: Any = None,
-        _now: Any = perf_counter_ns,
-        _queue: Any = stats.query_q,
-        _stats: PoolStats = stats,
-    ) -> Any:
-        t0 = _now()
-        try:
-            return method(self, cursor, statement, parameters, context)
-        finally:
-            _queue.append(_now() - t0)
-            if len(_queue) > DRAIN_AT:
-                _stats.drain()
-
-    return timed
-
-
-def _wrapped_no_params(method: Any, stats: PoolStats) -> Any:
-    def timed(
-        self: Any,
-        cursor: Any,
-        statement: Any,
-        context: Any = None,
-        _now: Any = perf_counter_ns,
-        _queue: Any = stats.query_q,
-        _stats: PoolStats = stats,
-    ) -> Any:
-        t0 = _now()
-        try:
-            return method(self, cursor, statement, context)
-        finally:
-            _queue.append(_now() - t0)
-            if len(_queue) > DRAIN_AT:
-                _stats.drain()
-
-    return timed
-
-
-def _wrapped_any(method: Any, stats: PoolStats) -> Any:
-    queue = stats.query_q
-
-    def timed(self: Any, *args: Any, **kwargs: Any) -> Any:
-        t0 = perf_counter_ns()
-        try:
-            return method(self, *args, **kwargs)
-        finally:
-            queue.append(perf_counter_ns() - t0)
-            if len(queue) > DRAIN_AT:
-                stats.drain()
-
-    return timed
-
-
-def set_application_name(engine: Any, name: str) -> None:
-    """Tag new connections with the app name unless the URL already sets one."""
-    driver = engine.dialect.driver
-
-    def do_connect(dialect: Any, record: Any, cargs: Any, cparams: dict[str, Any]) -> None:
-        if driver == "asyncpg":
-            settings = dict(cparams.get("server_settings") or {})
-            settings.setdefault("application_name", name)
-            cparams["server_settings"] = settings
-        elif driver in ("psycopg", "psycopg2", "psycopg_async", "pg8000"):
-            cparams.setdefault("application_name", name)
-
-    event.listen(engine, "do_connect", do_connect)

@@ -29,6 +29,8 @@ from itertools import repeat, starmap
 from time import perf_counter_ns
 from typing import Any
 
+from pgpressure_sqlalchemy import proxy_checks
+from pgpressure_sqlalchemy.proxy_checks import ProxyChecks
 from pgpressure_sqlalchemy.wire import BOUNDS, CLOSE_REASONS, HISTOGRAMS, NBUCKETS
 
 NS = 1_000_000_000
@@ -112,6 +114,7 @@ class PoolStats:
         self.wait_q: deque[int] = deque()
         self.use_q: deque[int] = deque()
         self.query_q: deque[int] = deque()
+        self.proxy = ProxyChecks()  # statements over RDS Proxy's limit, libpq options
         self.reset()
 
     def reset(self) -> None:
@@ -132,6 +135,7 @@ class PoolStats:
         self.use = Histogram()
         self.create = Histogram()
         self.query = Histogram()
+        self.proxy.reset()
 
     def _drain_locked(self) -> None:
         """Fold the queued observations in; the caller holds `self.lock`.
@@ -180,6 +184,7 @@ class PoolStats:
             self.closed[reason] += n
         for name in HISTOGRAMS:
             getattr(self, name).add(getattr(other, name))
+        self.proxy.add(other.proxy)
 
     def gauges(self) -> dict[str, Any]:
         """used/idle/pending/size/max now; `max` None means unbounded.
@@ -239,6 +244,7 @@ class PoolStats:
             for h in HISTOGRAMS:
                 doc[h] = getattr(self, h).to_json()
         doc.update(self.gauges())
+        doc.update(self.proxy.to_json())
         return doc
 
 
@@ -247,6 +253,7 @@ def merge_snapshots(docs: list[dict[str, Any]]) -> dict[str, Any]:
     a process, as the one logical pool of the report. Every sum is added as an integer and
     turned into seconds once, so the order of `docs` cannot change the result."""
     out = docs[0]
+    out.update(proxy_checks.merge(docs))
     for doc in docs[1:]:
         for key in ("used", "idle", "pending", "checkouts", "timeouts"):
             out[key] += doc[key]

@@ -24,3 +24,14 @@ CLOSE_REASONS = ("recycle", "invalidated", "overflow", "other")
 
 MAX_NAME_LENGTH = 128
 MAX_POOLS_PER_REPORT = 100
+
+#: RDS Proxy pins the session of a statement whose text is larger than this; its log says only
+#: "The connection ran a SQL query which exceeded the 16384 byte limit.", and
+#: pg_stat_statements normalizes the statement below it, so only the app can name it.
+PROXY_MAX_STATEMENT_BYTES = 16384
+#: Per pool: how many of those statements a report names (the head of each, and its size).
+MAX_STATEMENT_EXAMPLES = 5
+STATEMENT_HEAD_CHARS = 160
+#: Per pool: how many setting names from libpq `options` a report carries.
+MAX_CONNECT_OPTIONS = 16
+MAX_SETTING_NAME = 63  # PostgreSQL's NAMEDATALEN - 1
