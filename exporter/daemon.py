@@ -172,9 +172,13 @@ class Daemon:
     def status(self) -> DaemonStatus:
         """Each target with its sources' state, the daemon-wide sources, the app processes."""
         sources = [self._source_status(runner) for runner in self.runners]
+        vcpus = {s.target: s.vcpus() for s in self.sources if isinstance(s, ActivitySource)}
         targets = tuple(
             TargetStatus(
-                db.name, db.dsn, db.vcpus, tuple(s for s in sources if s.target == db.name)
+                db.name,
+                db.dsn,
+                *vcpus.get(db.name, (db.vcpus, "config")),
+                tuple(s for s in sources if s.target == db.name),
             )
             for db in self.config.databases
         )
@@ -262,6 +266,7 @@ class Daemon:
             port,
             max_connections=self.max_connections,
             on_refused=self._http_connection_refused,
+            on_header_timeout=self.own_series.header_timeout,
             ssl_context=self.ssl_context,
         )
         await site.start()

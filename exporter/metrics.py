@@ -289,6 +289,16 @@ TEMP_FILES = _spec(
     ("datname",),
     producer="exporter.postgres.database",
 )
+SESSIONS_ENDED = _spec(
+    "pg_sessions_ended_total",
+    "counter",
+    "Sessions of all databases of the target that ended other than by the client's "
+    "disconnect, from pg_stat_database (PostgreSQL 14+): `abandoned` (the client went away "
+    "without saying so), `fatal` (a fatal error), `killed` (an operator, or a timeout "
+    "such as idle_in_transaction_session_timeout). Absent on older servers.",
+    ("reason",),
+    producer="exporter.postgres.database",
+)
 INVALID_UTF8_STRINGS = _spec(
     "pg_invalid_utf8_strings_total",
     "counter",
@@ -584,6 +594,14 @@ HTTP_CONNECTIONS_REFUSED = _spec(
     "counter",
     "Connections closed on accept because --web.max-connections were already open, or "
     "because the client's address already held its share of them (a quarter).",
+    producer="exporter.core.selfmetrics",
+)
+HTTP_HEADER_TIMEOUTS = _spec(
+    "pgpressure_http_header_timeouts_total",
+    "counter",
+    "Connections closed because a request's headers were not complete within 10 s of the "
+    "connection opening (or of the next request's first byte): slow or stalled clients, or a "
+    "slow-header flood.",
     producer="exporter.core.selfmetrics",
 )
 CONFIG_LAST_RELOAD_SUCCESSFUL = _spec(

@@ -667,4 +667,5 @@ aws:
         assert daemon.value("pgpressure_source_up", source="rds_instance", target="main") == 1
         page = daemon.get("/").text
         assert "rds_instance" in page and "not seen yet" in page
+        assert "8 vCPUs (from AWS)" in page  # the target's header, as pg_vcpus says
         assert SECRET not in page and SECRET not in daemon.log()

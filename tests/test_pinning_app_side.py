@@ -160,5 +160,6 @@ def test_statement_head_keeps_the_template_and_hides_literals():
     assert statement_head("SELECT\n  a,\n\tb FROM t WHERE c = 'secret'") == (
         "SELECT a, b FROM t WHERE c = '?'"
     )
+    assert statement_head("SELECT 1\x00\x1b --\x7f") == "SELECT 1 --"
     cut = statement_head("SELECT '" + "x" * 1000 + "'")
     assert cut == "SELECT '?'"  # a literal the head cuts off is hidden all the same

@@ -221,6 +221,27 @@ def test_sort_spilling_to_disk_is_counted_per_database_and_statement(daemon, pg,
     assert daemon.value("pg_stat_statements_available") == 1
 
 
+def test_a_killed_session_is_counted_as_ended(daemon, pg, fresh_db):
+    """pg_stat_database's sessions_killed (and _abandoned, _fatal: PostgreSQL 14+), summed over
+    the target's databases, for the connection_churn finding."""
+    before = {"killed": daemon.value("pg_sessions_ended_total", reason="killed") or 0.0}
+    victim = psycopg.connect(pg.dsn(dbname=fresh_db), autocommit=True)
+    pid = victim.info.backend_pid
+    with psycopg.connect(pg.dsn(dbname=fresh_db), autocommit=True) as conn:
+        assert conn.execute("SELECT pg_terminate_backend(%s)", (pid,)).fetchone()[0]
+    with contextlib.suppress(psycopg.Error):
+        victim.close()
+    daemon.wait_for(
+        lambda: (
+            (daemon.value("pg_sessions_ended_total", reason="killed") or 0.0)
+            >= before["killed"] + 1
+        ),
+        timeout=15,
+    )
+    assert daemon.value("pg_sessions_ended_total", reason="abandoned") is not None
+    assert daemon.value("pg_sessions_ended_total", reason="fatal") is not None
+
+
 def test_capacity_and_health_metrics(daemon):
     assert daemon.value("pg_max_connections") == 300
     assert daemon.value("pg_vcpus") == 2

@@ -163,3 +163,24 @@ def test_a_replaced_snapshot_is_written_again_and_the_others_are_kept():
     }
     assert not set(after) - set(before)
     assert after[("pg_activity_samples_total", (("target", "a"),))] == 12345678901.0
+
+
+def test_text_reused_from_the_last_render_follows_new_values_series_and_bounds():
+    """A source's next snapshot has mostly the same series: their label text is reused. The
+    result must be what a renderer that never saw the source writes, whatever changed."""
+    store = store_with_edge_cases()
+    renderer = Renderer(store, own_series)
+    renderer.render()
+    other_bounds = HistogramValue(((0.5, 1.0), (INF, 4.0)), 2.0, 4.0)
+    store.publish(
+        ("apps", ""),
+        [
+            Sample(m.POOL_MAX_CONNECTIONS, ("shop", "default"), 7.0),  # a new value
+            Sample(m.POOL_MAX_CONNECTIONS, ("shop", "new"), 1.0),  # a new series
+            Sample(m.POOL_WAIT_SECONDS, ("shop", HOSTILE), other_bounds),  # other buckets
+        ],
+    )
+    store.forget(("activity", "b"))  # a source that is gone
+    again = renderer.render(openmetrics=True)
+    assert again == Renderer(store, own_series).render(openmetrics=True)
+    assert b'le="0.5"' in again and b'pool="new"' in again and b'target="b"' not in again

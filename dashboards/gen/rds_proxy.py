@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from .board import dashboard
 from .panels import row, timeseries
-from .queries import PG, PROXY, Q, by_proxy, sum_rate
+from .queries import APP, PG, PROXY, Q, by_proxy, sum_rate
 
 FILE = "rds-proxy.json"
 
@@ -142,14 +142,20 @@ def _pinning() -> list:
         timeseries(
             "Pinning-risk statements by reason",
             "Calls per second of statements in pg_stat_statements of the selected "
-            "databases that would pin an RDS Proxy session, by reason. Fix these before "
+            "databases that would pin an RDS Proxy session, by reason; and statements the "
+            "instrumented apps sent over the proxy's 16,384-byte limit, which the database "
+            "cannot show (their templates: /api/v1/pinning-risk, `apps`). Fix these before "
             "(or while) moving behind a proxy.",
             "ops",
             [
                 Q(
                     sum_rate("target, datname, reason", "pg_pinning_risk_calls_total", PG),
                     "{{target}}/{{datname}} {{reason}}",
-                )
+                ),
+                Q(
+                    sum_rate("app, pool", "sqlalchemy_statements_oversized_total", APP),
+                    "{{app}}/{{pool}} over 16 KB (seen by the app)",
+                ),
             ],
             stack=True,
         ),

@@ -6,8 +6,11 @@ first scraped, and kept while the snapshot lives; a scrape then only joins cache
 one HELP/TYPE header per family and formats the snapshots replaced since the last scrape.
 At a real Prometheus interval (15 s or more) that is nearly all of them: activity and
 ingest publish every second, the database source every 15 s. The cache spares repeated
-scrapes (a Prometheus pair, a human with curl); the formatting below is what makes the rest
-fast.
+scrapes (a Prometheus pair, a human with curl). For the rest, a replaced snapshot mostly
+holds the same series with new values, so the text of each series up to its value (its
+sorted, escaped labels; a histogram's bucket lines) is kept from the source's previous
+render and only the values are formatted: in-process, 6 ms instead of 16-19 ms for the
+bench's 5,000 series.
 
 Why the text is written here and not by prometheus_client (the design card's library): its
 writers, fed metric families built from the same snapshots under the same cache, are four
@@ -50,11 +53,12 @@ Scope = tuple[tuple[str, str], ...]
 
 
 def format_value(value: float) -> str:
+    value = float(value)
+    if value - value == 0.0:  # finite: the common case, one comparison
+        return repr(value)
     if math.isinf(value):
         return "+Inf" if value > 0 else "-Inf"
-    if math.isnan(value):
-        return "NaN"
-    return repr(float(value))
+    return "NaN"
 
 
 def _escape_label(value: str) -> str:
@@ -78,41 +82,80 @@ def _label_text(names: Iterable[str], values: Iterable[str]) -> str:
     return ",".join(f'{n}="{_escape_label(v)}"' for n, v in zip(names, values, strict=True))
 
 
-def render_samples(samples: Iterable[Sample], scope: Scope) -> dict[str, str]:
+#: A series' text up to its value: `name{labels} ` for a plain series; for a histogram its
+#: bounds and the same for each bucket line, the sum and the count.
+Prefix = str | tuple[tuple[float, ...], tuple[str, ...], str, str]
+Prefixes = dict[tuple[str, tuple[str, ...]], Prefix]
+
+
+def _prefix(spec: MetricSpec, labels: str, value: object) -> Prefix:
+    braces = f"{{{labels}}}" if labels else ""
+    if not isinstance(value, HistogramValue):
+        return f"{spec.name}{braces} "
+    sep = "," if labels else ""
+    bounds = tuple(bound for bound, _ in value.buckets)
+    buckets = tuple(
+        f'{spec.name}_bucket{{{labels}{sep}le="{format_value(bound)}"}} ' for bound in bounds
+    )
+    return bounds, buckets, f"{spec.name}_sum{braces} ", f"{spec.name}_count{braces} "
+
+
+def render_samples(
+    samples: Iterable[Sample],
+    scope: Scope,
+    known: Prefixes | None = None,
+    kept: Prefixes | None = None,
+) -> dict[str, str]:
     """Text exposition lines of some samples, grouped by metric name (no headers).
 
     Label names are sorted, as client_python does, so output is stable whatever the order
-    in which a source lists them.
+    in which a source lists them. `known` holds the text before the value of the series of
+    this source's last render (sorting and escaping labels is most of the work, and a
+    source's next snapshot has mostly the same series); those used now go into `kept`.
     """
     scope_names = tuple(n for n, _ in scope)
     scope_values = tuple(v for _, v in scope)
     orders: dict[tuple[str, ...], tuple[tuple[str, ...], list[int]]] = {}
     lines: dict[str, list[str]] = {}
+    known = known if known is not None else {}
+    fv = format_value
     for s in samples:
         spec = s.spec
-        order = orders.get(spec.labels)
-        if order is None:
-            names = scope_names + spec.labels
-            perm = sorted(range(len(names)), key=names.__getitem__)
-            order = orders[spec.labels] = (tuple(names[i] for i in perm), perm)
-        values = scope_values + s.labels
-        labels = _label_text(order[0], [values[i] for i in order[1]])
-        out = lines.setdefault(spec.name, [])
+        key = (spec.name, s.labels)
+        prefix = known.get(key)
         value = s.value
-        if isinstance(value, HistogramValue):
-            sep = "," if labels else ""
-            for bound, count in value.buckets:
-                out.append(
-                    f'{spec.name}_bucket{{{labels}{sep}le="{format_value(bound)}"}} '
-                    f"{format_value(count)}\n"
-                )
-            braces = f"{{{labels}}}" if labels else ""
-            out.append(f"{spec.name}_sum{braces} {format_value(value.sum)}\n")
-            out.append(f"{spec.name}_count{braces} {format_value(value.count)}\n")
-        else:
-            braces = f"{{{labels}}}" if labels else ""
-            out.append(f"{spec.name}{braces} {format_value(value)}\n")
+        if prefix is None or (type(prefix) is tuple and not _same_bounds(prefix[0], value)):
+            order = orders.get(spec.labels)
+            if order is None:
+                names = scope_names + spec.labels
+                perm = sorted(range(len(names)), key=names.__getitem__)
+                order = orders[spec.labels] = (tuple(names[i] for i in perm), perm)
+            values = scope_values + s.labels
+            prefix = _prefix(spec, _label_text(order[0], [values[i] for i in order[1]]), value)
+        if kept is not None:
+            kept[key] = prefix
+        out = lines.get(spec.name)
+        if out is None:
+            out = lines[spec.name] = []
+        if type(prefix) is str:
+            out.append(f"{prefix}{fv(value)}\n")  # type: ignore[arg-type]
+            continue
+        assert isinstance(value, HistogramValue)
+        _, buckets, sum_prefix, count_prefix = prefix
+        for line_prefix, (_, count) in zip(buckets, value.buckets, strict=True):
+            out.append(f"{line_prefix}{fv(count)}\n")
+        out.append(f"{sum_prefix}{fv(value.sum)}\n")
+        out.append(f"{count_prefix}{fv(value.count)}\n")
     return {name: "".join(chunk) for name, chunk in lines.items()}
+
+
+def _same_bounds(bounds: tuple[float, ...], value: object) -> bool:
+    """Whether a histogram still has the bucket bounds its cached text was made for."""
+    return (
+        isinstance(value, HistogramValue)
+        and len(value.buckets) == len(bounds)
+        and all(b == bound for (b, _), bound in zip(value.buckets, bounds, strict=True))
+    )
 
 
 class Renderer:
@@ -126,6 +169,7 @@ class Renderer:
         # id(snapshot) -> (snapshot, rendered text by name); the snapshot is kept in the
         # tuple so its id cannot be reused while the entry exists.
         self._by_snapshot: dict[int, tuple[Snapshot, dict[str, str]]] = {}
+        self._prefixes: dict[object, Prefixes] = {}  # source key -> its series' prefixes
         self._last: dict[tuple[bool, bool], tuple[int, bytes]] = {}
 
     def render(self, openmetrics: bool = False, gzipped: bool = False) -> bytes:
@@ -150,14 +194,20 @@ class Renderer:
         for name, text in render_samples(self.own_series(), ()).items():
             texts.setdefault(name, []).append(text)
         live: dict[int, tuple[Snapshot, dict[str, str]]] = {}
-        for _, snap in self.store.snapshots():
+        prefixes: dict[object, Prefixes] = {}
+        for key, snap in self.store.snapshots():
             entry = self._by_snapshot.get(id(snap))
             if entry is None or entry[0] is not snap:
-                entry = (snap, render_samples(snap.samples, snap.scope))
+                kept = prefixes[key] = {}
+                known = self._prefixes.get(key)
+                entry = (snap, render_samples(snap.samples, snap.scope, known, kept))
+            elif key in self._prefixes:
+                prefixes[key] = self._prefixes[key]
             live[id(snap)] = entry
             for name, text in entry[1].items():
                 texts.setdefault(name, []).append(text)
         self._by_snapshot = live  # snapshots replaced since the last scrape are dropped
+        self._prefixes = prefixes  # and the series of sources that are gone
         parts: list[str] = []
         for name, chunks in texts.items():
             parts.append(_header(m.CATALOGUE[name], openmetrics))

@@ -1,4 +1,5 @@
-"""The exporter's own series: build info, every source's health, refused HTTP connections.
+"""The exporter's own series: build info, every source's health, HTTP connections refused at the
+cap or closed at the header deadline.
 
 They describe the daemon rather than what it samples, so no source publishes them: they are
 built at render time from the store's source health and the daemon's own counters. Keeping
@@ -21,14 +22,21 @@ class SelfMetrics:
     def __init__(self, store: Store) -> None:
         self.store = store
         self.http_connections_refused = 0
+        self.http_header_timeouts = 0
 
     def connection_refused(self) -> None:
         """One HTTP connection closed at the cap (`CappedSite`'s `on_refused`)."""
         self.http_connections_refused += 1
         self.store.touch()  # the exposition changed: the renderer must not reuse its last one
 
+    def header_timeout(self) -> None:
+        """One HTTP connection closed because its request headers were not complete in time
+        (`CappedSite`'s `on_header_timeout`)."""
+        self.http_header_timeouts += 1
+        self.store.touch()
+
     def samples(self) -> list[Sample]:
-        """The series as they are now; the refused counter is there from 0, as counters are."""
+        """The series as they are now; the HTTP counters are there from 0, as counters are."""
         samples = [Sample(m.BUILD_INFO, (__version__,), 1.0)]
         for key, health in self.store.healths():
             samples.append(Sample(m.SOURCE_UP, key, 1.0 if health.up else 0.0))
@@ -38,4 +46,5 @@ class SelfMetrics:
                 samples.append(Sample(m.SOURCE_LAST_SUCCESS, key, health.last_success))
         refused = float(self.http_connections_refused)
         samples.append(Sample(m.HTTP_CONNECTIONS_REFUSED, (), refused))
+        samples.append(Sample(m.HTTP_HEADER_TIMEOUTS, (), float(self.http_header_timeouts)))
         return samples

@@ -19,7 +19,8 @@ So every accepted connection is guarded (`_Guarded`):
   of the first byte of the next request on a kept-alive one, or the connection is closed. A
   request "has its headers" when it reaches the application (`headers_received`, the
   outermost middleware). Bodies have their own deadlines (the ingest handler's); idle
-  keep-alive connections the keep-alive timeout.
+  keep-alive connections the keep-alive timeout. Each such close is counted
+  (`on_header_timeout`).
 
 A TLS handshake counts once it completes and must complete within `TLS_HANDSHAKE_TIMEOUT`, so
 half-open handshakes cannot pile up either.
@@ -108,6 +109,7 @@ class _Guarded(asyncio.Protocol):
     def _headers_late(self) -> None:
         self._timer = None
         if not self.in_request and self.transport is not None:
+            self.site.on_header_timeout()
             self.transport.abort()
 
 
@@ -140,6 +142,7 @@ class CappedSite(web.BaseSite):
         *,
         max_connections: int,
         on_refused: Callable[[], None],
+        on_header_timeout: Callable[[], None] = lambda: None,
         ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         super().__init__(runner, ssl_context=ssl_context)
@@ -149,6 +152,7 @@ class CappedSite(web.BaseSite):
         self.max_connections = max_connections
         self.max_per_client = max(1, max_connections // CLIENT_SHARE)
         self.on_refused = on_refused
+        self.on_header_timeout = on_header_timeout
         self.bound_port: int | None = None
         self._open = 0
         self._by_client: Counter[str] = Counter()

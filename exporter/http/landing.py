@@ -133,9 +133,15 @@ def _target(target: TargetStatus) -> Html:
         TARGET,
         name=target.name,
         where=where(target.dsn),
-        vcpus=f", {target.vcpus:g} vCPUs" if target.vcpus else "",
+        vcpus=_vcpus(target),
         table=_table(target.sources),
     )
+
+
+def _vcpus(target: TargetStatus) -> str:
+    if not target.vcpus:
+        return ""
+    return f", {target.vcpus:g} vCPUs" + (" (from AWS)" if target.vcpus_source == "aws" else "")
 
 
 def render(status: DaemonStatus, lead: Html | None = None, pinning: Html | None = None) -> str:

@@ -42,7 +42,8 @@ class SourceStatus:
 class TargetStatus:
     name: str
     dsn: str  # as configured, credentials included: only ever shown reduced (landing.where)
-    vcpus: float | None
+    vcpus: float | None  # as in pg_vcpus: configured, or learnt from AWS
+    vcpus_source: str  # "config" or "aws"
     sources: tuple[SourceStatus, ...]
 
 

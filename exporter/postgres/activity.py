@@ -167,6 +167,13 @@ class ActivitySource(Source):
         elif self._aws_vcpus is not None:
             yield Sample(m.VCPUS, ("aws",), self._aws_vcpus)
 
+    def vcpus(self) -> tuple[float | None, str]:
+        """The vCPUs load is judged against, and where they come from ("config" or "aws"),
+        as exported in pg_vcpus."""
+        if self.config.vcpus is not None:
+            return float(self.config.vcpus), "config"
+        return self._aws_vcpus, "aws"
+
     def use_aws_vcpus(self, vcpus: float | None) -> None:
         """The vCPUs AWS gave for this target (None: unknown), exported as pg_vcpus with
         source="aws" beside the load it is compared with, unless `vcpus` is configured."""

@@ -30,13 +30,19 @@ log = logging.getLogger("pgpressure.database")
 #: search_path (42P01, 42883), no permission (42501). Anything else is a real failure.
 STATEMENTS_UNUSABLE = frozenset({"55000", "42703", "42P01", "42883", "42501"})
 
+# How sessions ended is PostgreSQL 14+ (`sessions_abandoned`, `_fatal`, `_killed`): read
+# through the row as JSON, so older servers answer NULL instead of failing the query.
+SESSIONS_ENDED = ("abandoned", "fatal", "killed")
 DATABASES = """
 SELECT datname, temp_bytes, temp_files,
+       (to_jsonb(d) ->> 'sessions_abandoned')::float8 AS abandoned,
+       (to_jsonb(d) ->> 'sessions_fatal')::float8 AS fatal,
+       (to_jsonb(d) ->> 'sessions_killed')::float8 AS killed,
        (SELECT setting::bigint * CASE unit WHEN 'kB' THEN 1024 WHEN 'MB' THEN 1048576
                                           WHEN '8kB' THEN 8192 ELSE 1 END
         FROM pg_settings WHERE name = 'work_mem') AS work_mem_bytes,
        to_regclass('pg_stat_statements') IS NOT NULL AS has_statements
-FROM pg_stat_database
+FROM pg_stat_database d
 WHERE datname IS NOT NULL
 """
 
@@ -66,6 +72,8 @@ class DatabaseSource(Source):
         self._datname = datnames
         self._temp_deltas = CumulativeDeltas()
         self._temp_totals: dict[str, list[float]] = {}  # datname label -> [bytes, files]
+        self._ended: dict[str, float] = dict.fromkeys(SESSIONS_ENDED, 0.0)  # over databases
+        self._ended_known = False  # PostgreSQL 14+ says how sessions ended
         top_n = config.statements.top_n
         self._temp = CappedCounters(top_n, other_key=("other", "other"))
         self._exec = CappedCounters(top_n, fields=2, rank_field=1, other_key=("other", "other"))
@@ -85,18 +93,24 @@ class DatabaseSource(Source):
             self._temp_totals.pop(gone, None)
         for row in rows:
             name = row["datname"]
+            ended = tuple(float(row[r] or 0.0) for r in SESSIONS_ENDED)
+            self._ended_known = self._ended_known or row["abandoned"] is not None
             growth = self._temp_deltas.update(
-                (name, 0), (float(row["temp_bytes"]), float(row["temp_files"]))
+                (name, 0), (float(row["temp_bytes"]), float(row["temp_files"]), *ended)
             )
             totals = self._temp_totals.setdefault(self._datname(name), [0.0, 0.0])
             totals[0] += growth[0]
             totals[1] += growth[1]
+            for reason, n in zip(SESSIONS_ENDED, growth[2:], strict=True):
+                self._ended[reason] += n
         self._temp_deltas.forget_missing({(name, 0) for name in present})
         # Settings and extension presence are the same on every row.
         has_statements = bool(rows and rows[0]["has_statements"])
         samples = [Sample(m.WORK_MEM_BYTES, (), float(rows[0]["work_mem_bytes"]))] if rows else []
         samples += [Sample(m.TEMP_BYTES, (db,), t[0]) for db, t in self._temp_totals.items()]
         samples += [Sample(m.TEMP_FILES, (db,), t[1]) for db, t in self._temp_totals.items()]
+        if self._ended_known:
+            samples += [Sample(m.SESSIONS_ENDED, (r,), n) for r, n in self._ended.items()]
         samples.append(Sample(m.INVALID_UTF8_STRINGS, (), float(self.conn.invalid_strings)))
         if self.config.statements.enabled:
             unusable = ""

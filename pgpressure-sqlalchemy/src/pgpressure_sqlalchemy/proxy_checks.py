@@ -36,6 +36,7 @@ from pgpressure_sqlalchemy.wire import (
 #: character at most), so the request path looks no further at shorter ones.
 LONG_CHARS = PROXY_MAX_STATEMENT_BYTES // 4
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")  # the daemon refuses a head with one
 _STRING_LITERAL = re.compile(r"'(?:[^']|'')*(?:'|$)")  # a literal cut by the head ends at $
 _SETTING = re.compile(r"(?:-c\s*|--)([A-Za-z_][\w.]*)\s*=")
 _DSN_OPTIONS = re.compile(r"(?:^|[\s?&])options\s*=\s*('(?:[^'\\]|\\.)*'|[^\s&]+)")
@@ -49,9 +50,10 @@ def wire_size(statement: str) -> int:
 
 
 def statement_head(statement: str) -> str:
-    """The start of a statement template as shown in a report: whitespace collapsed and any
-    string literal written into the template replaced by '?', so no value leaves the app."""
-    text = " ".join(statement[: 4 * STATEMENT_HEAD_CHARS].split())
+    """The start of a statement template as shown in a report: whitespace and control
+    characters collapsed to single spaces and any string literal written into the template
+    replaced by '?', so no value leaves the app."""
+    text = " ".join(_CONTROL.sub(" ", statement[: 4 * STATEMENT_HEAD_CHARS]).split())
     return _STRING_LITERAL.sub("'?'", text)[:STATEMENT_HEAD_CHARS]
 
 
