@@ -14,13 +14,14 @@ bench's 5,000 series.
 
 Why the text is written here and not by prometheus_client (the design card's library): its
 writers, fed metric families built from the same snapshots under the same cache, are four
-times slower where it matters. bench/bench_metrics.py runs both side by side (the library's
-as `ClientPythonRenderer`) with ~5,000 series on the shared 2-core machine, 2026-11-28:
+times slower where it matters, before the label text is kept between renders as well.
+bench/bench_metrics.py runs both side by side (the library's as `ClientPythonRenderer`) with
+~5,000 series on the shared 2-core machine, 2026-11-28:
 
 - every snapshot replaced before each scrape, as at production intervals: p99 308 ms
   against 74 ms with text, 327 ms against 75 ms with Prometheus's headers (OpenMetrics,
-  gzip), 4.2-4.3x at load 2.4 (3.7-5.9x over three runs at load 2.4 to 8); in-process
-  70 ms against 15 ms per render (3.8-4.7x). Both miss the 20 ms goal there
+  gzip), 3.7-5.9x over three runs at load 2.4 to 8; in-process 70 ms against 15 ms per
+  render. With the label text kept: p99 114 ms against 27.5 ms, 140 ms against 17.6 ms
   (bench/README.md);
 - only the small snapshots replaced (scrapes 1.1 s apart, the bench's "static" phase):
   p99 8.7 ms against 10.9 ms and 20.3 ms against 16.4 ms (0.77-1.30x over three runs),
