@@ -160,7 +160,6 @@ def test_dashboards_cover_the_catalogue() -> None:
         # the exporter's own health and limits, and what only the diagnosis reads
         "pg_invalid_utf8_strings_total",
         "pg_reserved_connections",
-        "pg_sessions_ended_total",
         "pgpressure_ingest_sum_resets_total",
         "pgpressure_ingest_memory_bytes",
         "pgpressure_ingest_memory_budget_bytes",

@@ -314,7 +314,24 @@ def _old_transactions() -> list:
                     f"{by_app} idle in transaction (s)",
                 ),
             ],
-            w=24,
+            w=16,
+        ),
+        timeseries(
+            "Sessions ended abnormally",
+            "Sessions that did not end by their client's disconnect, per bar (PostgreSQL "
+            "14+): abandoned (the client vanished: crashed or killed workers, network "
+            "resets), killed (an operator or a timeout such as "
+            "idle_in_transaction_session_timeout), fatal. With connection churn the "
+            "connection_churn finding names them.",
+            "short",
+            [
+                Q(
+                    sum_rate("target, reason", "pg_sessions_ended_total", PG, "increase"),
+                    "{{target}} {{reason}}",
+                )
+            ],
+            w=8,
+            bars=True,
         ),
     ]
 
