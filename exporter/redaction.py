@@ -7,6 +7,7 @@ DSN cannot leak it. Passwords inside URLs are masked even when we never saw them
 
 from __future__ import annotations
 
+import html
 import logging
 import re
 import threading
@@ -33,6 +34,11 @@ def redact(text: str) -> str:
         if secret in text:
             text = text.replace(secret, MASK)
     return text
+
+
+def html_text(value: object) -> str:
+    """`value` as text for an HTML page: redacted, then escaped (attribute-safe)."""
+    return html.escape(redact(str(value)))
 
 
 def redact_dsn(dsn: str) -> str:

@@ -8,13 +8,12 @@ names and statement texts come from the database.
 
 from __future__ import annotations
 
-import html
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from exporter.diagnosis.engine import DiagnosisSource
-from exporter.redaction import redact
+from exporter.redaction import html_text as _e
 
 FINDINGS_PATH = "/api/v1/findings"
 WIDTH, HEIGHT, PAD = 240, 48, 2
@@ -25,10 +24,6 @@ def document(source: DiagnosisSource | None) -> dict[str, Any]:
     if source is None:
         return {"status": "disabled", "findings": [], "links": []}
     return source.to_json()
-
-
-def _e(value: object) -> str:
-    return html.escape(redact(str(value)))
 
 
 def _points(values: Sequence[float | None], top: float) -> list[list[tuple[float, float]]]:

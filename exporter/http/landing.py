@@ -10,7 +10,6 @@ escapes every value put into them unless it is `Html` the page built itself.
 from __future__ import annotations
 
 import contextlib
-import html
 import time
 from collections.abc import Iterable, Mapping
 from string import Template
@@ -18,7 +17,7 @@ from urllib.parse import urlsplit
 
 from exporter import __version__
 from exporter.http.status import DaemonStatus, SourceStatus, TargetStatus
-from exporter.redaction import redact
+from exporter.redaction import html_text
 
 PAGE = Template("""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>pgpressure</title>
@@ -74,8 +73,7 @@ class Html(str):
 def _fill(template: Template, **values: object) -> Html:
     """The template with every value redacted and escaped, except `Html` ones."""
     safe = {
-        key: value if isinstance(value, Html) else html.escape(redact(str(value)))
-        for key, value in values.items()
+        key: value if isinstance(value, Html) else html_text(value) for key, value in values.items()
     }
     return Html(template.substitute(safe))
 

@@ -10,18 +10,13 @@ on PostgreSQL or AWS. Every value is redacted and escaped.
 
 from __future__ import annotations
 
-import html
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 from exporter.http.status import DaemonStatus
-from exporter.redaction import redact
+from exporter.redaction import html_text as _e
 
 NOTHING = "<p>No pinning statements, driver fingerprints or app warnings seen yet.</p>"
-
-
-def _e(value: object) -> str:
-    return html.escape(redact(str(value)))
 
 
 def proxy_log_states(status: DaemonStatus) -> list[tuple[str, str]]:

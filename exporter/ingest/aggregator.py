@@ -31,7 +31,7 @@ from exporter.ingest.budget import MemoryBudget
 from exporter.ingest.model import PoolReport, Report
 from exporter.ingest.proxy_warnings import ProxyWarnings
 from exporter.ingest.results import Refused
-from exporter.ingest.totals import Layout, PoolSnapshot, Totals, keep_sums, went_backwards
+from exporter.ingest.totals import PoolSnapshot, Totals, keep_sums, went_backwards
 from exporter.ingest.wire import BOUNDS, HISTOGRAMS
 from exporter.metrics import HistogramValue, Sample
 
@@ -283,11 +283,7 @@ class IngestAggregator:
 
     # -- what is exported -----------------------------------------------------------------------
     def samples(self) -> list[Sample]:
-        live: dict[str, dict[str, list[PoolSnapshot]]] = {}
-        for proc in self._processes.values():
-            by_pool = live.setdefault(proc.app, {})
-            for name, p in proc.pools.items():
-                by_pool.setdefault(name, []).append(p)
+        live = self._live_snapshots()
         out: list[Sample] = []
         for app_name, app in self._apps.items():
             out.append(Sample(m.APP_PROCESSES, (app_name,), float(app.live)))
@@ -314,19 +310,24 @@ class IngestAggregator:
         live = self._live_snapshots()
         for app_name, app in self._apps.items():
             for pool, warnings in app.proxy.items():
-                departed = app.departed.get(pool)
-                count = sum(p.values[Layout.OVERSIZED] for p in live.get((app_name, pool), ()))
-                count += departed.oversized if departed is not None else 0.0
+                counted = _summed(app, pool, live.get(app_name, {}).get(pool, []))
                 out.append(
-                    {"app": app_name, "pool": pool, "oversized": count, **warnings.as_json()}
+                    {
+                        "app": app_name,
+                        "pool": pool,
+                        "oversized": counted.oversized,
+                        **warnings.as_json(),
+                    }
                 )
         return out
 
-    def _live_snapshots(self) -> dict[tuple[str, str], list[PoolSnapshot]]:
-        live: dict[tuple[str, str], list[PoolSnapshot]] = {}
+    def _live_snapshots(self) -> dict[str, dict[str, list[PoolSnapshot]]]:
+        """app -> pool -> the last report of that pool from each live process."""
+        live: dict[str, dict[str, list[PoolSnapshot]]] = {}
         for proc in self._processes.values():
+            by_pool = live.setdefault(proc.app, {})
             for name, p in proc.pools.items():
-                live.setdefault((proc.app, name), []).append(p)
+                by_pool.setdefault(name, []).append(p)
         return live
 
 
@@ -334,9 +335,7 @@ def _totals(app: AppState, pool: str, reports: list[PoolSnapshot]) -> tuple[Tota
     """What departed processes counted plus the live processes' last reports, each histogram
     sum at least what was exported before; and how many sums overflowed just now."""
     departed = app.departed.get(pool)
-    totals = departed.copy() if departed is not None else Totals()
-    for p in reports:
-        totals.add(p)
+    totals = _summed(app, pool, reports)
     resets = 0
     for h in HISTOGRAMS:
         key = (pool, h)
@@ -350,6 +349,15 @@ def _totals(app: AppState, pool: str, reports: list[PoolSnapshot]) -> tuple[Tota
         totals.restart_sum(h, floor)
         app.sum_floor[key] = floor
     return totals, resets
+
+
+def _summed(app: AppState, pool: str, reports: list[PoolSnapshot]) -> Totals:
+    """What departed processes counted plus the live processes' last reports, as they are."""
+    departed = app.departed.get(pool)
+    totals = departed.copy() if departed is not None else Totals()
+    for p in reports:
+        totals.add(p)
+    return totals
 
 
 def _restart(
